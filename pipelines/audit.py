@@ -1,0 +1,204 @@
+"""The audit job: read -> chunk -> score -> write manifests, then the run record.
+
+    lmc-audit run --input CORPUS... --output DIR [--model bundled] [--chunk-bytes 2048]
+
+Flags this parser does not know go to Beam's ``PipelineOptions`` unchanged
+(``--runner``, ``--direct_num_workers``, Dataflow flags).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+import time
+from importlib import metadata
+from importlib import resources
+from pathlib import Path
+
+import apache_beam as beam
+import fsspec
+from apache_beam.options.pipeline_options import PipelineOptions, SetupOptions
+
+from lmc_audit.transforms.chunking import DEFAULT_CHUNK_BYTES, ChunkDocuments
+from lmc_audit.transforms.listing import FORMATS, list_shards
+from lmc_audit.transforms.manifests import WriteManifests
+from lmc_audit.transforms.model_loading import (BUNDLED, model_fingerprint, resolve_model_dir,
+                                                validate_model_spec)
+from lmc_audit.transforms.read_corpus import DEAD_LETTER, NAMESPACE, ReadCorpus
+from lmc_audit.transforms.scoring import ScoreChunks
+
+MANIFEST_DIRS = ("chunks", "documents", "shards", "dead_letter")
+PACKAGES = ("lmc-audit", "apache-beam", "torch", "transformers", "tokenizers", "safetensors",
+            "pyarrow", "fsspec", "numpy", "zstandard")
+
+
+def bundled_sample_dir() -> str:
+    return str(resources.files("lmc_audit.pipelines") / "assets" / "sample")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="lmc-audit run",
+        description="Score a corpus with a causal language model and write Parquet manifests "
+                    "(bits and bits per byte per chunk, document and shard). Unknown flags go to Beam.")
+    src = p.add_argument_group("input")
+    src.add_argument("--input", nargs="+", default=[],
+                     help="files, directories, globs or fsspec URLs (s3://, gs://, memory://, ...); several allowed")
+    src.add_argument("--sample", action="store_true",
+                     help="audit the sample corpus bundled with the package (adds it to --input)")
+    src.add_argument("--format", default="auto", choices=FORMATS,
+                     help="input format; auto tells it from the file name (.jsonl/.ndjson/.json, .parquet, .txt/.md/.rst)")
+    src.add_argument("--text-field", default="text", help="JSON field or Parquet column holding the text (default: text)")
+    src.add_argument("--id-field", default=None,
+                     help="JSON field or Parquet column holding the document id (default: <shard>#<line or row>)")
+    src.add_argument("--split-bytes", type=int, default=64 << 20,
+                     help="uncompressed JSONL shards larger than this are read in byte ranges in parallel (default 64 MiB)")
+    p.add_argument("--output", required=True, help="directory or fsspec URL for the manifests")
+    p.add_argument("--overwrite", action="store_true", help="replace manifests already in --output")
+    p.add_argument("--chunk-bytes", type=int, default=DEFAULT_CHUNK_BYTES,
+                   help=f"bytes per chunk; each chunk is scored on its own (default {DEFAULT_CHUNK_BYTES})")
+    m = p.add_argument_group("model")
+    m.add_argument("--model", default=BUNDLED,
+                   help="'bundled' (default: the byte-level model shipped in the package), a save_pretrained() "
+                        "directory, an fsspec URL of one, or a Hugging Face hub id")
+    m.add_argument("--device", default="auto", help="auto (CUDA if present), cpu, cuda or cuda:N")
+    m.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16"),
+                   help="auto: bfloat16 on CUDA devices that support it, float32 on CPU")
+    m.add_argument("--trust-remote-code", action="store_true",
+                   help="let transformers run code shipped with the model (off by default)")
+    m.add_argument("--max-batch-tokens", type=int, default=16384,
+                   help="padded positions per forward pass (rows x padded length)")
+    m.add_argument("--max-batch-rows", type=int, default=64, help="chunks per batch handed to the model")
+    m.add_argument("--length-granularity", type=int, default=64,
+                   help="chunks are padded to a multiple of this many tokens (the shape depends on the chunk alone)")
+    p.add_argument("--quiet", action="store_true", help="no summary table at the end")
+    return p
+
+
+def validate(args: argparse.Namespace) -> None:
+    """Wrong options fail before anything runs, with what to fix."""
+    if args.sample:
+        args.input = list(args.input) + [bundled_sample_dir()]
+    if not args.input:
+        raise SystemExit("lmc-audit: no input: pass --input PATH... or --sample")
+    if args.chunk_bytes < 1:
+        raise SystemExit(f"lmc-audit: --chunk-bytes must be at least 1, got {args.chunk_bytes}")
+    for name in ("max_batch_tokens", "max_batch_rows", "length_granularity"):
+        if getattr(args, name) < 1:
+            raise SystemExit(f"lmc-audit: --{name.replace('_', '-')} must be at least 1")
+    try:
+        validate_model_spec(args.model)
+    except (FileNotFoundError, ValueError) as exc:
+        raise SystemExit(f"lmc-audit: {exc}") from None
+    fs, root = fsspec.core.url_to_fs(args.output)
+    existing = [d for d in (*MANIFEST_DIRS, "run.json") if fs.exists(f"{root.rstrip('/')}/{d}")]
+    if existing and not args.overwrite:
+        raise SystemExit(f"lmc-audit: {args.output} already holds manifests ({', '.join(existing)}); "
+                         "pass --overwrite or choose another --output")
+    for d in existing:
+        fs.rm(f"{root.rstrip('/')}/{d}", recursive=True)
+
+
+def package_versions() -> dict[str, str]:
+    out = {"python": platform.python_version()}
+    for name in PACKAGES:
+        try:
+            out[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            pass
+    return out
+
+
+def run(argv: list[str] | None = None, test_pipeline: beam.Pipeline | None = None) -> dict:
+    """Runs the audit; returns the run record (also written to OUTPUT/run.json)."""
+    args, beam_args = build_parser().parse_known_args(argv)
+    validate(args)
+    started = time.time()
+    shards, listing_errors = list_shards(args.input, args.format)
+    print(f"[lmc-audit] {len(shards)} shards to read from {len(args.input)} input(s)"
+          + (f", {len(listing_errors)} unreadable" if listing_errors else ""), file=sys.stderr)
+    model_dir = resolve_model_dir(args.model)
+    fingerprint = model_fingerprint(model_dir)
+
+    options = PipelineOptions(beam_args)
+    # Workers import lmc_audit (and its bundled model) from the installed package.
+    options.view_as(SetupOptions).save_main_session = False
+    pipeline = test_pipeline or beam.Pipeline(options=options)
+    read = pipeline | "ReadCorpus" >> ReadCorpus(shards, args.text_field, args.id_field,
+                                                args.chunk_bytes, args.split_bytes)
+    unlisted = pipeline | "UnreadableInputs" >> beam.Create(listing_errors, reshuffle=False)
+    dead_letters = (read[DEAD_LETTER], unlisted) | "AllDeadLetters" >> beam.Flatten()
+    scored = (
+        read.main
+        | "ChunkDocuments" >> ChunkDocuments(args.chunk_bytes)
+        | "ScoreChunks" >> ScoreChunks(args.model, args.device, args.dtype, args.trust_remote_code,
+                                       args.max_batch_tokens, args.max_batch_rows, args.length_granularity)
+    )
+    _ = (scored, dead_letters) | "WriteManifests" >> WriteManifests(args.output)
+    result = pipeline.run()
+    result.wait_until_finish()
+    record = write_run_record(args, beam_args, result, fingerprint, model_dir, len(listing_errors),
+                              time.time() - started)
+    if not args.quiet:
+        from lmc_audit.pipelines.summary import print_summary
+
+        print_summary(args.output)
+    return record
+
+
+def _counter(result, name: str) -> int:
+    try:
+        metrics = result.metrics().query(beam.metrics.MetricsFilter().with_namespace(NAMESPACE).with_name(name))
+        return int(sum(c.committed or 0 for c in metrics["counters"]))
+    except Exception:
+        return -1
+
+
+def write_run_record(args, beam_args, result, fingerprint: str, model_dir: str, listing_errors: int,
+                     wall_s: float) -> dict:
+    import pyarrow.dataset as ds
+
+    fs, root = fsspec.core.url_to_fs(args.output)
+    shards = ds.dataset(f"{root.rstrip('/')}/shards", filesystem=fs, format="parquet").to_table().to_pylist()
+    documents = sum(r["documents"] for r in shards)
+    dead = sum(r["dead_letters"] for r in shards)
+    records_in = _counter(result, "input_records") + listing_errors
+    padded, real = _counter(result, "padded_positions"), _counter(result, "scored_positions")
+    total_bytes = sum(r["bytes"] for r in shards)
+    scored_bytes = sum(r["scored_bytes"] for r in shards)
+    bits = sum(r["bits"] for r in shards)
+
+    def weighted(col: str) -> float | None:
+        return sum((r[col] or 0) * r["bytes"] for r in shards) / total_bytes if total_bytes else None
+
+    record = {
+        "model": {"spec": args.model, "name": Path(model_dir).name if args.model == BUNDLED else args.model,
+                  "fingerprint": fingerprint},
+        "options": {k: v for k, v in sorted(vars(args).items())},
+        "beam_options": beam_args,
+        "versions": package_versions(),
+        "counts": {
+            "shards": sum(1 for r in shards if r["documents"] or r["chunks"]),
+            "input_records": records_in,
+            "documents": documents,
+            "dead_letters": dead,
+            "reconciled": records_in == documents + dead,
+            "chunks": sum(r["chunks"] for r in shards),
+            "flagged_chunks": sum(r["flagged_chunks"] for r in shards),
+            "bytes": total_bytes,
+            "scored_bytes": scored_bytes,
+            "bits": bits,
+        },
+        "bpb": {"model": bits / scored_bytes if scored_bytes else None,
+                "zlib": weighted("zlib_bpb"), "zstd": weighted("zstd_bpb"), "xz": weighted("xz_bpb")},
+        "padding_fraction": padded / (padded + real) if padded >= 0 and real > 0 else None,
+        "wall_seconds": round(wall_s, 2),
+    }
+    with fs.open(f"{root.rstrip('/')}/run.json", "w") as f:
+        f.write(json.dumps(record, indent=2, default=str) + "\n")
+    if not record["counts"]["reconciled"]:
+        print(f"[lmc-audit] WARNING: {records_in} input records but {documents} documents + {dead} dead letters",
+              file=sys.stderr)
+    return record

@@ -1,0 +1,32 @@
+"""``lmc-audit``: the command line.
+
+    lmc-audit run --input ... --output ...   audit a corpus (see ``lmc-audit run --help``)
+"""
+
+from __future__ import annotations
+
+import sys
+
+COMMANDS = {"run": "audit a corpus: read, chunk, score, write Parquet manifests"}
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print("usage: lmc-audit COMMAND [options]\n\ncommands:")
+        for name, text in COMMANDS.items():
+            print(f"  {name:<8} {text}")
+        print("\n'lmc-audit COMMAND --help' lists a command's options.")
+        return 0 if argv else 2
+    command, rest = argv[0], argv[1:]
+    if command == "run":
+        from lmc_audit.pipelines.audit import run
+
+        run(rest)
+        return 0
+    print(f"lmc-audit: unknown command {command!r}; commands: {', '.join(COMMANDS)}", file=sys.stderr)
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Build the bundled default model: corpus split, training, model card, sample corpus."""

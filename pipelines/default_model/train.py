@@ -1,0 +1,188 @@
+"""Train the bundled byte-level model on the training side of the split.
+
+    python -m lmc_audit.pipelines.default_model.train --out pipelines/assets/model --minutes 45
+
+The model is a small Llama (RMSNorm, RoPE, SwiGLU) over bytes: ids 0-255 are
+bytes and id 256 is BOS, which also serves as padding (padded positions are
+masked). Training is bounded by wall-clock time so that it fits a CPU budget;
+the learning rate follows a cosine over elapsed time. The run writes the
+weights (safetensors), config and ``training.json`` (tokens, time, hardware),
+which the model-card script reads.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from lmc_audit.pipelines.default_model.split import DOCS_ROOT, list_source_files
+
+BOS_ID = 256
+VOCAB_SIZE = 257
+
+
+def build_model(hidden: int, layers: int, heads: int, ffn: int, max_positions: int):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(
+        vocab_size=VOCAB_SIZE,
+        hidden_size=hidden,
+        intermediate_size=ffn,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=heads,
+        max_position_embeddings=max_positions,
+        tie_word_embeddings=True,
+        bos_token_id=BOS_ID,
+        eos_token_id=BOS_ID,
+        pad_token_id=BOS_ID,
+        attn_implementation="sdpa",
+    )
+    # Read by lmc_audit.transforms.tokenization: this model sees raw bytes.
+    config.lmc_byte_level = True
+    return LlamaForCausalLM(config)
+
+
+def load_stream(files) -> tuple[np.ndarray, np.ndarray]:
+    parts, starts, offset = [], [], 0
+    for f in files:
+        data = f.path.read_bytes()
+        parts.append(np.frombuffer(data, dtype=np.uint8))
+        starts.append(offset)
+        offset += len(data)
+    return np.concatenate(parts), np.asarray(starts, dtype=np.int64)
+
+
+def sample_batch(stream: np.ndarray, starts: np.ndarray, batch: int, seq: int,
+                 rng: np.random.Generator) -> torch.Tensor:
+    """[batch, seq] ids: BOS then seq-1 bytes, a tenth of rows from a file start."""
+    rows = np.empty((batch, seq), dtype=np.int64)
+    rows[:, 0] = BOS_ID
+    for i in range(batch):
+        if rng.random() < 0.1:
+            begin = int(rng.choice(starts))
+        else:
+            begin = int(rng.integers(0, len(stream) - seq))
+        begin = min(begin, len(stream) - seq)
+        rows[i, 1:] = stream[begin:begin + seq - 1]
+    return torch.from_numpy(rows)
+
+
+@torch.no_grad()
+def held_out_bpb(model, stream: np.ndarray, seq: int, max_rows: int = 16) -> float:
+    model.eval()
+    n = min(max_rows, len(stream) // (seq - 1))
+    rows = torch.full((n, seq), BOS_ID, dtype=torch.long)
+    for i in range(n):
+        rows[i, 1:] = torch.from_numpy(stream[i * (seq - 1):(i + 1) * (seq - 1)].astype(np.int64))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        logits = model(input_ids=rows).logits.float()
+    logp = torch.log_softmax(logits[:, :-1], dim=-1)
+    nll = -logp.gather(-1, rows[:, 1:, None]).mean().item()
+    model.train()
+    return nll / math.log(2)
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--docs-root", type=Path, default=DOCS_ROOT)
+    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--minutes", type=float, default=45.0)
+    p.add_argument("--hidden", type=int, default=256)
+    p.add_argument("--layers", type=int, default=4)
+    p.add_argument("--heads", type=int, default=4)
+    p.add_argument("--ffn", type=int, default=688)
+    p.add_argument("--lr", type=float, default=2e-3)
+    p.add_argument("--tokens-per-step", type=int, default=8192)
+    p.add_argument("--long-fraction", type=float, default=0.3,
+                   help="last fraction of the time trained at 2048+1 positions (the rest at 1024)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    args = p.parse_args(argv)
+
+    torch.manual_seed(args.seed)
+    torch.set_num_threads(args.threads)
+    rng = np.random.default_rng(args.seed)
+    files = list_source_files(args.docs_root)
+    train_stream, train_starts = load_stream([f for f in files if not f.held_out])
+    held_stream, _ = load_stream([f for f in files if f.held_out])
+    print(f"train bytes {len(train_stream):,}  held-out bytes {len(held_stream):,}", flush=True)
+
+    model = build_model(args.hidden, args.layers, args.heads, args.ffn, max_positions=4096)
+    params = sum(p.numel() for p in model.parameters())
+    print(f"parameters {params:,}", flush=True)
+    decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
+    no_decay = [p for n, p in model.named_parameters() if p.dim() < 2]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.1},
+                             {"params": no_decay, "weight_decay": 0.0}],
+                            lr=args.lr, betas=(0.9, 0.95))
+    budget = args.minutes * 60.0
+    warmup_steps = 100
+    t0 = time.time()
+    step, tokens = 0, 0
+    model.train()
+    while True:
+        frac = (time.time() - t0) / budget
+        if frac >= 1.0:
+            break
+        seq = 2049 if frac >= 1.0 - args.long_fraction else 1025
+        batch = max(1, args.tokens_per_step // (seq - 1))
+        lr = args.lr * min(1.0, (step + 1) / warmup_steps) * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * frac)))
+        for group in opt.param_groups:
+            group["lr"] = lr
+        x = sample_batch(train_stream, train_starts, batch, seq, rng)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = model(input_ids=x, labels=x).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        step += 1
+        tokens += batch * (seq - 1)
+        if step % 50 == 0:
+            elapsed = time.time() - t0
+            msg = f"step {step} seq {seq} lr {lr:.2e} train bpb {loss.item() / math.log(2):.3f} tokens {tokens:,} {tokens / elapsed:.0f} tok/s"
+            if step % 250 == 0:
+                msg += f" held-out bpb {held_out_bpb(model, held_stream, 1025):.3f}"
+            print(msg, flush=True)
+    elapsed = time.time() - t0
+
+    args.out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(args.out, safe_serialization=True)
+    record = {
+        "parameters": params,
+        "training_tokens": tokens,
+        "steps": step,
+        "training_seconds": round(elapsed, 1),
+        "hardware": f"{platform.processor() or platform.machine()}, {args.threads} CPU threads, {_cpu_name()}",
+        "torch": torch.__version__,
+        "precision": "bf16 autocast on CPU, fp32 master weights",
+        "optimizer": f"AdamW lr {args.lr} betas (0.9, 0.95) wd 0.1, warmup {warmup_steps} steps, cosine over wall time",
+        "schedule": f"{args.tokens_per_step} tokens/step; 1024-byte windows, last {args.long_fraction:.0%} of time 2048-byte windows",
+        "seed": args.seed,
+        "train_bytes": int(len(train_stream)),
+    }
+    (args.out / "training.json").write_text(json.dumps(record, indent=2) + "\n")
+    print(json.dumps(record, indent=2))
+
+
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return "unknown CPU"
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,37 @@
+"""The short table printed at the end of a run."""
+
+from __future__ import annotations
+
+import json
+
+import fsspec
+
+
+def _fmt(v) -> str:
+    return "-" if v is None else f"{v:.3f}"
+
+
+def print_summary(output: str) -> None:
+    fs, root = fsspec.core.url_to_fs(output)
+    root = root.rstrip("/")
+    with fs.open(f"{root}/run.json") as f:
+        record = json.load(f)
+    c, bpb = record["counts"], record["bpb"]
+    rows = [
+        ("shards", f"{c['shards']:,}"),
+        ("documents", f"{c['documents']:,}  (+{c['dead_letters']:,} dead-lettered"
+                      f"{', reconciled' if c['reconciled'] else ', NOT reconciled'})"),
+        ("chunks", f"{c['chunks']:,}  ({c['flagged_chunks']:,} flagged)"),
+        ("bytes", f"{c['bytes']:,}"),
+        ("bpb model", f"{_fmt(bpb['model'])}  ({record['model']['name']})"),
+        ("bpb zlib -9", _fmt(bpb["zlib"])),
+        ("bpb zstd -19", _fmt(bpb["zstd"])),
+        ("bpb xz -9", _fmt(bpb["xz"])),
+        ("wall time", f"{record['wall_seconds']:.1f} s"),
+    ]
+    width = max(len(k) for k, _ in rows)
+    print()
+    for k, v in rows:
+        print(f"  {k:<{width}}  {v}")
+    print(f"\n  manifests: {output.rstrip('/')}/{{chunks,documents,shards,dead_letter}}/  run record: "
+          f"{output.rstrip('/')}/run.json")

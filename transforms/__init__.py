@@ -1,0 +1,1 @@
+"""Reusable Beam transforms of lmc-audit: readers, chunking, scoring, manifests."""

@@ -1,0 +1,87 @@
+"""Turn input paths, directories, globs and fsspec URLs into a sorted list of shards.
+
+Listing happens once, when the pipeline is built (as datatrove does), so that
+every shard gets a stable index that names its manifest files, and so that a
+path matching nothing is reported before any worker starts.
+"""
+
+from __future__ import annotations
+
+import posixpath
+from collections.abc import Iterable
+
+import fsspec
+
+from lmc_audit.transforms.records import DeadLetter, ShardSpec
+
+COMPRESSIONS = {".gz": "gzip", ".zst": "zstd", ".zstd": "zstd", ".bz2": "bz2", ".xz": "xz"}
+FORMATS_BY_SUFFIX = {
+    ".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "jsonl",
+    ".parquet": "parquet", ".pq": "parquet",
+    ".txt": "text", ".text": "text", ".md": "text", ".rst": "text",
+}
+FORMATS = ("auto", "text", "jsonl", "parquet")
+_GLOB_CHARS = set("*?[")
+
+
+def detect(path: str, fmt: str = "auto") -> tuple[str | None, str | None]:
+    """(format, compression) of a file from its name; format None if unknown."""
+    name = posixpath.basename(path).lower()
+    stem, ext = posixpath.splitext(name)
+    compression = COMPRESSIONS.get(ext)
+    if compression:
+        name = stem
+    if fmt != "auto":
+        return fmt, compression
+    return FORMATS_BY_SUFFIX.get(posixpath.splitext(name)[1]), compression
+
+
+def _is_hidden(path: str) -> bool:
+    base = posixpath.basename(path.rstrip("/"))
+    return base.startswith(".") or base.startswith("_")
+
+
+def _expand(pattern: str) -> list[str]:
+    fs, root = fsspec.core.url_to_fs(pattern)
+    if any(c in root for c in _GLOB_CHARS):
+        paths = [p for p in fs.glob(root) if fs.isfile(p)]
+    elif fs.isdir(root):
+        paths = [p for p in fs.find(root) if not any(_is_hidden(part) for part in p[len(root):].split("/"))]
+    elif fs.exists(root):
+        paths = [root]
+    else:
+        raise FileNotFoundError(f"no file or directory matches {pattern!r}")
+    if not paths:
+        raise FileNotFoundError(f"{pattern!r} matches no files")
+    protocol = fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
+    if protocol in ("file", "local"):
+        return paths
+    return [fs.unstrip_protocol(p) for p in paths]
+
+
+def list_shards(patterns: Iterable[str], fmt: str = "auto") -> tuple[list[ShardSpec], list[DeadLetter]]:
+    """Sorted, de-duplicated shards, and one dead letter per pattern or file that cannot be read."""
+    found: set[str] = set()
+    errors: list[DeadLetter] = []
+    for pattern in patterns:
+        try:
+            found.update(_expand(pattern))
+        except Exception as exc:  # a bad path must not hide the good ones
+            errors.append(DeadLetter(pattern, -1, -1, None, f"cannot list input: {type(exc).__name__}: {exc}"))
+    shards: list[ShardSpec] = []
+    for path in sorted(found):
+        shard_format, compression = detect(path, fmt)
+        if shard_format is None:
+            errors.append(DeadLetter(path, -1, -1, None,
+                                     "cannot tell the format from the file name; pass --format text|jsonl|parquet"))
+            continue
+        try:
+            fs, p = fsspec.core.url_to_fs(path)
+            size = int(fs.size(p) or 0)
+        except Exception as exc:
+            errors.append(DeadLetter(path, -1, -1, None, f"cannot stat file: {type(exc).__name__}: {exc}"))
+            continue
+        shards.append(ShardSpec(len(shards), path, shard_format, compression, size))
+    # Dead letters that belong to no readable shard get indices after the shards.
+    errors = [DeadLetter(e.shard, len(shards) + i, e.position, e.doc_id, e.reason) for i, e in enumerate(errors)]
+    return shards, errors

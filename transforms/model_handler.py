@@ -1,0 +1,154 @@
+"""``CausalLMHandler``: the Beam ``ModelHandler`` that scores chunks.
+
+Beam's own Hugging Face handler imports TensorFlow at import time and fails
+with transformers 5, so the project has its own around
+``AutoModelForCausalLM``.
+
+Shapes. A chunk with n target tokens is scored as the input
+``[start, t0, ..., t(n-2)]`` right-padded to ``padded_length`` L, a length
+that depends on the chunk alone. Rows of one batch are independent, and the
+logits of a row at positions < n do not depend on what is padded after it, so
+a chunk's bits are the same whatever it is batched with. The batch that Beam
+hands over is split into sub-batches of one padded length, each one forward.
+
+Masking. Padding is always on the right and attention is causal, so no real
+position can attend to padding; the padded positions are masked out of every
+sum. No attention-mask tensor is passed: with one, the attention kernel would
+change with whether a batch happens to hold padding, and bits would then
+depend on the batch.
+
+Only per-token log-probabilities leave the device ([rows, L] floats), never
+[rows, L, vocabulary] logits.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from apache_beam.metrics import Metrics
+from apache_beam.ml.inference.base import ModelHandler
+
+from lmc_audit.transforms.model_loading import resolve_model_dir
+from lmc_audit.transforms.records import ScoredChunk, TokenizedChunk
+
+NAMESPACE = "lmc_audit"
+LN2 = math.log(2.0)
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def pick_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise RuntimeError("--device cuda was asked for but torch sees no CUDA device; use --device cpu")
+    return torch.device(device)
+
+
+def pick_dtype(dtype: str, device: torch.device) -> torch.dtype:
+    if dtype == "auto":
+        if device.type == "cuda" and torch.cuda.is_bf16_supported():
+            return torch.bfloat16
+        return torch.float32
+    return DTYPES[dtype]
+
+
+@dataclass
+class LoadedModel:
+    """What ``load_model`` returns: a weak-referenceable holder (Beam needs that)."""
+
+    model: Any
+    device: torch.device
+    dtype: torch.dtype
+    pad_id: int
+
+
+def token_logprobs(model, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """[rows, L] log p(target) in float32, computed on the model's device."""
+    logits = model(input_ids=inputs, use_cache=False).logits  # [rows, L, V]
+    logits = logits.float()
+    picked = logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1)  # [rows, L]
+    return picked - torch.logsumexp(logits, dim=-1)
+
+
+class CausalLMHandler(ModelHandler[TokenizedChunk, ScoredChunk, LoadedModel]):
+    def __init__(self, model_spec: str, device: str = "auto", dtype: str = "auto",
+                 trust_remote_code: bool = False, max_batch_tokens: int = 16384):
+        super().__init__()
+        if dtype != "auto" and dtype not in DTYPES:
+            raise ValueError(f"dtype {dtype!r} is not one of auto, {', '.join(DTYPES)}")
+        if device != "auto" and not (device == "cpu" or device.startswith("cuda")):
+            raise ValueError(f"device {device!r} is not one of auto, cpu, cuda, cuda:N")
+        if max_batch_tokens < 1:
+            raise ValueError("max_batch_tokens must be at least 1")
+        self._model_spec = model_spec
+        self._device = device
+        self._dtype = dtype
+        self._trust_remote_code = trust_remote_code
+        self._max_batch_tokens = max_batch_tokens
+        self._padded = Metrics.counter(NAMESPACE, "padded_positions")
+        self._real = Metrics.counter(NAMESPACE, "scored_positions")
+        self._rows = Metrics.distribution(NAMESPACE, "rows_per_forward")
+
+    def load_model(self) -> LoadedModel:
+        from transformers import AutoModelForCausalLM
+
+        device = pick_device(self._device)
+        dtype = pick_dtype(self._dtype, device)
+        model = AutoModelForCausalLM.from_pretrained(
+            resolve_model_dir(self._model_spec), dtype=dtype, use_safetensors=True,
+            trust_remote_code=self._trust_remote_code)
+        model.eval().to(device)
+        config = model.config
+        pad = config.pad_token_id if config.pad_token_id is not None else config.eos_token_id
+        if isinstance(pad, (list, tuple)):
+            pad = pad[0]
+        return LoadedModel(model, device, dtype, int(pad or 0))
+
+    def run_inference(self, batch: Sequence[TokenizedChunk], model: LoadedModel,
+                      inference_args: dict[str, Any] | None = None) -> Iterable[ScoredChunk]:
+        by_length: dict[int, list[int]] = {}
+        for i, item in enumerate(batch):
+            by_length.setdefault(item.padded_length, []).append(i)
+        results: list[ScoredChunk | None] = [None] * len(batch)
+        for length, members in sorted(by_length.items()):
+            rows_per_forward = max(1, self._max_batch_tokens // length)
+            for s in range(0, len(members), rows_per_forward):
+                group = [batch[i] for i in members[s:s + rows_per_forward]]
+                for i, scored in zip(members[s:s + rows_per_forward], self._score(group, length, model)):
+                    results[i] = scored
+        return results
+
+    @torch.inference_mode()
+    def _score(self, group: list[TokenizedChunk], length: int, lm: LoadedModel) -> list[ScoredChunk]:
+        inputs = np.full((len(group), length), lm.pad_id, dtype=np.int64)
+        targets = np.full((len(group), length), lm.pad_id, dtype=np.int64)
+        for r, item in enumerate(group):
+            n = len(item.targets)
+            inputs[r, 0] = item.start_id
+            inputs[r, 1:n] = item.targets[:-1]
+            targets[r, :n] = item.targets
+        logp = token_logprobs(lm.model, torch.from_numpy(inputs).to(lm.device),
+                              torch.from_numpy(targets).to(lm.device)).cpu().numpy()
+        out = []
+        real = 0
+        for r, item in enumerate(group):
+            n = len(item.targets)
+            real += n
+            # float64 sum in a fixed order: the same bits on every run.
+            bits = float(-np.sum(logp[r, :n], dtype=np.float64) / LN2)
+            out.append(ScoredChunk(item.chunk, n, bits, length))
+        self._real.inc(real)
+        self._padded.inc(len(group) * length - real)
+        self._rows.update(len(group))
+        return out
+
+    def get_metrics_namespace(self) -> str:
+        return NAMESPACE
+
+    def share_model_across_processes(self) -> bool:
+        return False

@@ -1,0 +1,89 @@
+"""``ReadCorpus``: shards in, documents and dead letters out."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+
+import apache_beam as beam
+from apache_beam.metrics import Metrics
+
+from lmc_audit.transforms.progress import Progress
+from lmc_audit.transforms.readers import READERS, ShardReader
+from lmc_audit.transforms.records import DeadLetter, ReadTask, ShardSpec
+
+DEAD_LETTER = "dead_letter"
+NAMESPACE = "lmc_audit"
+
+
+class _ReaderFn(beam.DoFn):
+    def __init__(self, reader_kwargs: dict):
+        self._reader_kwargs = reader_kwargs
+        self._readers: dict[str, ShardReader] = {}
+
+    def setup(self) -> None:
+        self._readers = {fmt: cls(**self._reader_kwargs) for fmt, cls in READERS.items()}
+
+
+class PlanReadTasks(_ReaderFn):
+    """Splits a shard into tasks that can be read in parallel (row groups, byte ranges)."""
+
+    def __init__(self, reader_kwargs: dict, split_bytes: int):
+        super().__init__(reader_kwargs)
+        self._split_bytes = split_bytes
+
+    def process(self, shard: ShardSpec) -> Iterator:
+        try:
+            yield from self._readers[shard.format].plan(shard, self._split_bytes)
+        except Exception:
+            # The read itself reports what is wrong with the file, with position.
+            yield ReadTask(shard)
+
+
+class ReadTasks(_ReaderFn):
+    """Reads one task; documents to the main output, bad records to ``dead_letter``."""
+
+    def setup(self) -> None:
+        super().setup()
+        self._records = Metrics.counter(NAMESPACE, "input_records")
+        self._dead = Metrics.counter(NAMESPACE, "dead_letter_records")
+        self._bytes = Metrics.counter(NAMESPACE, "input_bytes")
+
+    def process(self, task: ReadTask) -> Iterator:
+        for record in self._readers[task.shard.format].read(task):
+            if isinstance(record, DeadLetter):
+                self._records.inc()
+                self._dead.inc()
+                yield beam.pvalue.TaggedOutput(DEAD_LETTER, record)
+            else:
+                if record.offset == 0:  # later segments belong to the same document
+                    self._records.inc()
+                    Progress.add(documents=1)
+                self._bytes.inc(len(record.data))
+                yield record
+
+
+class ReadCorpus(beam.PTransform):
+    """Reads listed shards into ``Document`` elements.
+
+    Returns a tagged tuple: ``main`` (documents) and ``dead_letter``.
+    """
+
+    def __init__(self, shards: Sequence[ShardSpec], text_field: str = "text", id_field: str | None = None,
+                 chunk_bytes: int = 2048, split_bytes: int = 64 << 20):
+        super().__init__()
+        if not text_field:
+            raise ValueError("text_field must name the field or column that holds the text")
+        if split_bytes < 1 << 16:
+            raise ValueError(f"split_bytes={split_bytes} is too small; use at least 65536")
+        self._shards = list(shards)
+        self._reader_kwargs = {"text_field": text_field, "id_field": id_field, "chunk_bytes": chunk_bytes}
+        self._split_bytes = split_bytes
+
+    def expand(self, pbegin):
+        return (
+            pbegin
+            | "ListShards" >> beam.Create(self._shards, reshuffle=False)
+            | "PlanReadTasks" >> beam.ParDo(PlanReadTasks(self._reader_kwargs, self._split_bytes))
+            | "SpreadTasks" >> beam.Reshuffle()
+            | "ReadTasks" >> beam.ParDo(ReadTasks(self._reader_kwargs)).with_outputs(DEAD_LETTER, main="main")
+        )

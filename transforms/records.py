@@ -1,0 +1,85 @@
+"""Elements that flow between the pipeline's transforms."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True)
+class ShardSpec:
+    """One input file. ``index`` is its place in the sorted listing."""
+
+    index: int
+    path: str
+    format: str  # "text" | "jsonl" | "parquet"
+    compression: str | None  # fsspec name: "gzip", "zstd", "bz2", "xz" or None
+    size: int
+
+
+@dataclass(frozen=True)
+class ReadTask:
+    """A part of a shard that one worker reads: the whole file, a row group or a byte range."""
+
+    shard: ShardSpec
+    row_group: int | None = None
+    first_row: int = 0
+    byte_start: int = 0
+    byte_end: int | None = None
+
+
+@dataclass(frozen=True)
+class Document:
+    """A document, or a segment of one when a plain-text file is too large to hold.
+
+    ``offset`` is where ``data`` starts inside the document; it is a multiple
+    of the chunk size, so chunk indices stay global.
+    """
+
+    doc_id: str
+    shard: str
+    shard_index: int
+    position: int  # line (JSONL), row (Parquet) or 0 (text)
+    data: bytes
+    offset: int = 0
+
+
+@dataclass(frozen=True)
+class Chunk:
+    doc_id: str
+    shard: str
+    shard_index: int
+    position: int
+    chunk_index: int
+    offset: int
+    data: bytes
+    sha256: bytes
+    zlib_bytes: int
+    zstd_bytes: int
+    xz_bytes: int
+
+
+@dataclass(frozen=True)
+class TokenizedChunk:
+    chunk: Chunk
+    # [start] + targets[:-1] is the model input; targets are scored.
+    targets: tuple[int, ...]
+    start_id: int
+    padded_length: int
+
+
+@dataclass(frozen=True)
+class ScoredChunk:
+    chunk: Chunk
+    tokens: int
+    bits: float | None  # None when flagged
+    padded_length: int
+    flags: tuple[str, ...] = field(default=())
+
+
+@dataclass(frozen=True)
+class DeadLetter:
+    shard: str
+    shard_index: int
+    position: int  # line / row index, -1 when the whole shard failed
+    doc_id: str | None
+    reason: str

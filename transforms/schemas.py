@@ -1,0 +1,71 @@
+"""Explicit Arrow schemas of every manifest. The README documents each column."""
+
+from __future__ import annotations
+
+import pyarrow as pa
+
+CHUNKS = pa.schema([
+    pa.field("doc_id", pa.string(), nullable=False),
+    pa.field("shard", pa.string(), nullable=False),
+    pa.field("chunk_index", pa.int32(), nullable=False),
+    pa.field("offset", pa.int64(), nullable=False),
+    pa.field("bytes", pa.int32(), nullable=False),
+    pa.field("tokens", pa.int32(), nullable=False),
+    pa.field("bits", pa.float64()),
+    pa.field("bpb", pa.float64()),
+    pa.field("zlib_bits", pa.int64(), nullable=False),
+    pa.field("zstd_bits", pa.int64(), nullable=False),
+    pa.field("xz_bits", pa.int64(), nullable=False),
+    pa.field("padded_length", pa.int32(), nullable=False),
+    pa.field("sha256", pa.binary(32), nullable=False),
+    pa.field("flags", pa.list_(pa.string()), nullable=False),
+])
+
+DOCUMENTS = pa.schema([
+    pa.field("doc_id", pa.string(), nullable=False),
+    pa.field("shard", pa.string(), nullable=False),
+    pa.field("position", pa.int64(), nullable=False),
+    pa.field("bytes", pa.int64(), nullable=False),
+    pa.field("chunks", pa.int32(), nullable=False),
+    pa.field("tokens", pa.int64(), nullable=False),
+    pa.field("scored_bytes", pa.int64(), nullable=False),
+    pa.field("flagged_chunks", pa.int32(), nullable=False),
+    pa.field("bits", pa.float64()),
+    pa.field("bpb", pa.float64()),
+    pa.field("zlib_bpb", pa.float64(), nullable=False),
+    pa.field("zstd_bpb", pa.float64(), nullable=False),
+    pa.field("xz_bpb", pa.float64(), nullable=False),
+    pa.field("content_hash", pa.string(), nullable=False),
+])
+
+SHARDS = pa.schema([
+    pa.field("shard", pa.string(), nullable=False),
+    pa.field("documents", pa.int64(), nullable=False),
+    pa.field("dead_letters", pa.int64(), nullable=False),
+    pa.field("chunks", pa.int64(), nullable=False),
+    pa.field("flagged_chunks", pa.int64(), nullable=False),
+    pa.field("bytes", pa.int64(), nullable=False),
+    pa.field("scored_bytes", pa.int64(), nullable=False),
+    pa.field("bits", pa.float64(), nullable=False),
+    pa.field("bpb", pa.float64()),
+    pa.field("zlib_bpb", pa.float64()),
+    pa.field("zstd_bpb", pa.float64()),
+    pa.field("xz_bpb", pa.float64()),
+    pa.field("min_doc_bpb", pa.float64()),
+    pa.field("median_doc_bpb", pa.float64()),
+    pa.field("max_doc_bpb", pa.float64()),
+])
+
+DEAD_LETTER = pa.schema([
+    pa.field("shard", pa.string(), nullable=False),
+    pa.field("position", pa.int64(), nullable=False),
+    pa.field("doc_id", pa.string()),
+    pa.field("reason", pa.string(), nullable=False),
+])
+
+MANIFESTS = {
+    "chunks": CHUNKS,
+    "documents": DOCUMENTS,
+    "shards": SHARDS,
+    "dead_letter": DEAD_LETTER,
+}

@@ -1,0 +1,68 @@
+"""``ScoreChunks``: tokenize, batch by length, score with RunInference.
+
+Chain: ``Tokenize`` -> ``SortAndBatchElements`` (by padded length, within a
+bundle, under a token budget) -> ``RunInference`` with the project's handler.
+Beam's ``BatchElements`` length bucketing only acts on the streaming path in
+Beam 2.77, so batch jobs sort-and-batch first and run the handler unbatched.
+Chunks the tokenizer flags and batches the model fails on come out as
+flagged ``ScoredChunk`` elements: nothing is dropped.
+"""
+
+from __future__ import annotations
+
+import apache_beam as beam
+from apache_beam.ml.inference.base import RunInference
+from apache_beam.transforms.util import SortAndBatchElements
+
+from lmc_audit.transforms.model_handler import CausalLMHandler
+from lmc_audit.transforms.model_loading import validate_model_spec
+from lmc_audit.transforms.progress import Progress
+from lmc_audit.transforms.records import ScoredChunk, TokenizedChunk
+from lmc_audit.transforms.tokenization import FLAGGED, TokenizeChunksFn
+
+
+def _padded_length(item: TokenizedChunk) -> int:
+    return item.padded_length
+
+
+def _failed_batch_to_rows(failure) -> list[ScoredChunk]:
+    batch, exc = failure
+    reason = f"inference_error: {type(exc).__name__}: {exc}"[:500]
+    return [ScoredChunk(item.chunk, len(item.targets), None, item.padded_length, (reason,)) for item in batch]
+
+
+def _report(scored: ScoredChunk) -> ScoredChunk:
+    Progress.add(chunks=1, bytes=len(scored.chunk.data))
+    return scored
+
+
+class ScoreChunks(beam.PTransform):
+    def __init__(self, model_spec: str = "bundled", device: str = "auto", dtype: str = "auto",
+                 trust_remote_code: bool = False, max_batch_tokens: int = 16384,
+                 max_batch_rows: int = 64, length_granularity: int = 64):
+        super().__init__()
+        validate_model_spec(model_spec)
+        if length_granularity < 1:
+            raise ValueError("length_granularity must be at least 1")
+        if max_batch_rows < 1:
+            raise ValueError("max_batch_rows must be at least 1")
+        self._handler = CausalLMHandler(model_spec, device, dtype, trust_remote_code, max_batch_tokens)
+        self._tokenize = TokenizeChunksFn(model_spec, trust_remote_code, length_granularity)
+        self._max_batch_tokens = max_batch_tokens
+        self._max_batch_rows = max_batch_rows
+
+    def expand(self, chunks):
+        tokenized = chunks | "Tokenize" >> beam.ParDo(self._tokenize).with_outputs(FLAGGED, main="main")
+        scored, failed = (
+            tokenized.main
+            | "SortAndBatch" >> SortAndBatchElements(
+                min_batch_size=1, max_batch_size=self._max_batch_rows,
+                max_batch_weight=self._max_batch_tokens, element_size_fn=_padded_length)
+            | "RunInference" >> RunInference(self._handler.with_no_batching()).with_exception_handling()
+        )
+        failed_rows = failed.failed_inferences | "FlagFailedBatches" >> beam.FlatMap(_failed_batch_to_rows)
+        return (
+            (scored, tokenized[FLAGGED], failed_rows)
+            | "AllChunks" >> beam.Flatten()
+            | "Progress" >> beam.Map(_report)
+        )
