@@ -44,7 +44,7 @@ def _is_hidden(path: str) -> bool:
 def _expand(pattern: str) -> list[str]:
     fs, root = fsspec.core.url_to_fs(pattern)
     if any(c in root for c in _GLOB_CHARS):
-        paths = [p for p in fs.glob(root) if fs.isfile(p)]
+        paths = [p for p in fs.glob(root) if not _is_hidden(p) and fs.isfile(p)]
     elif fs.isdir(root):
         paths = [p for p in fs.find(root) if not any(_is_hidden(part) for part in p[len(root):].split("/"))]
     elif fs.exists(root):

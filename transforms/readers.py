@@ -12,6 +12,7 @@ with one dead letter for the rest.
 
 from __future__ import annotations
 
+import io
 import json
 from collections.abc import Iterator
 
@@ -41,6 +42,14 @@ class ShardReader:
 
     # Helpers shared by the record-oriented formats.
     def _open(self, shard: ShardSpec):
+        if shard.compression == "zstd":
+            # fsspec hands back zstandard's raw reader, which cannot read lines;
+            # a BufferedReader over it can. Multi-frame files (pzstd) read whole.
+            import zstandard
+
+            raw = fsspec.open(shard.path, "rb").open()
+            return io.BufferedReader(zstandard.ZstdDecompressor().stream_reader(raw, read_across_frames=True,
+                                                                                   closefd=True))
         return fsspec.open(shard.path, "rb", compression=shard.compression).open()
 
     @staticmethod
@@ -114,7 +123,7 @@ class JsonlReader(ShardReader):
                             break
                         newlines += block.count(b"\n")
                         pos += len(block)
-                first_lines.append(0 if start == 0 else newlines)
+                first_lines.append(0 if start == 0 else newlines + 1)
         return [ReadTask(shard, first_row=line, byte_start=start, byte_end=min(start + split_bytes, shard.size))
                 for start, line in zip(bounds, first_lines)]
 
