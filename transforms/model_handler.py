@@ -96,7 +96,9 @@ class CausalLMHandler(ModelHandler[TokenizedChunk, ScoredChunk, LoadedModel]):
 
     def load_model(self) -> LoadedModel:
         from transformers import AutoModelForCausalLM
+        from transformers.utils import logging as hf_logging
 
+        hf_logging.disable_progress_bar()
         device = pick_device(self._device)
         dtype = pick_dtype(self._dtype, device)
         model = AutoModelForCausalLM.from_pretrained(
