@@ -23,13 +23,15 @@ from apache_beam.options.pipeline_options import PipelineOptions, SetupOptions
 
 from lmc_audit.transforms.chunking import DEFAULT_CHUNK_BYTES, ChunkDocuments
 from lmc_audit.transforms.listing import FORMATS, list_shards
+from lmc_audit.transforms.decoding import VerifyPayloads
 from lmc_audit.transforms.manifests import WriteManifests
+from lmc_audit.transforms.model_handler import CodingOptions
 from lmc_audit.transforms.model_loading import (BUNDLED, model_fingerprint, resolve_model_dir,
                                                 validate_model_spec)
 from lmc_audit.transforms.read_corpus import DEAD_LETTER, NAMESPACE, ReadCorpus
 from lmc_audit.transforms.scoring import ScoreChunks
 
-MANIFEST_DIRS = ("chunks", "documents", "shards", "dead_letter")
+MANIFEST_DIRS = ("chunks", "documents", "shards", "dead_letter", "payloads")
 PACKAGES = ("lmc-audit", "apache-beam", "torch", "transformers", "tokenizers", "safetensors",
             "pyarrow", "fsspec", "numpy", "zstandard")
 
@@ -73,6 +75,17 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--max-batch-rows", type=int, default=64, help="chunks per batch handed to the model")
     m.add_argument("--length-granularity", type=int, default=64,
                    help="chunks are padded to a multiple of this many tokens (the shape depends on the chunk alone)")
+    c = p.add_argument_group("arithmetic coding")
+    c.add_argument("--no-coding", dest="coding", action="store_false",
+                   help="score only: no payloads (bits from one plain forward per batch)")
+    c.add_argument("--precision", type=int, default=24,
+                   help="bits of the integer frequency total each distribution is quantized to (16-32)")
+    c.add_argument("--coding-rows", type=int, default=16,
+                   help="rows of every coding forward (a fixed shape, recorded in each payload)")
+    c.add_argument("--coding-block", type=int, default=16,
+                   help="positions per coding forward; smaller decodes faster, larger encodes faster")
+    c.add_argument("--verify-fraction", type=float, default=0.005,
+                   help="fraction of chunks decoded again in the job to prove the payloads (a fixed sample)")
     p.add_argument("--quiet", action="store_true", help="no summary table at the end")
     return p
 
@@ -85,7 +98,14 @@ def validate(args: argparse.Namespace) -> None:
         raise SystemExit("lmc-audit: no input: pass --input PATH... or --sample")
     if args.chunk_bytes < 1:
         raise SystemExit(f"lmc-audit: --chunk-bytes must be at least 1, got {args.chunk_bytes}")
-    for name in ("max_batch_tokens", "max_batch_rows", "length_granularity"):
+    if not 0.0 <= args.verify_fraction <= 1.0:
+        raise SystemExit(f"lmc-audit: --verify-fraction must be in [0, 1], got {args.verify_fraction}")
+    if not 16 <= args.precision <= 32:
+        raise SystemExit(f"lmc-audit: --precision must be 16..32 bits, got {args.precision}")
+    if args.coding and args.length_granularity % args.coding_block:
+        raise SystemExit(f"lmc-audit: --length-granularity ({args.length_granularity}) must be a multiple of "
+                         f"--coding-block ({args.coding_block})")
+    for name in ("max_batch_tokens", "max_batch_rows", "length_granularity", "coding_rows", "coding_block"):
         if getattr(args, name) < 1:
             raise SystemExit(f"lmc-audit: --{name.replace('_', '-')} must be at least 1")
     try:
@@ -130,13 +150,20 @@ def run(argv: list[str] | None = None, test_pipeline: beam.Pipeline | None = Non
                                                 args.chunk_bytes, args.split_bytes)
     unlisted = pipeline | "UnreadableInputs" >> beam.Create(listing_errors, reshuffle=False)
     dead_letters = (read[DEAD_LETTER], unlisted) | "AllDeadLetters" >> beam.Flatten()
+    coding = (CodingOptions(fingerprint, args.precision, args.coding_rows, args.coding_block)
+              if args.coding else None)
     scored = (
         read.main
         | "ChunkDocuments" >> ChunkDocuments(args.chunk_bytes)
         | "ScoreChunks" >> ScoreChunks(args.model, args.device, args.dtype, args.trust_remote_code,
-                                       args.max_batch_tokens, args.max_batch_rows, args.length_granularity)
+                                       args.max_batch_tokens,
+                                       args.coding_rows * 4 if args.coding else args.max_batch_rows,
+                                       args.length_granularity, coding)
     )
     _ = (scored, dead_letters) | "WriteManifests" >> WriteManifests(args.output)
+    if args.coding and args.verify_fraction > 0:
+        _ = scored | "VerifyPayloads" >> VerifyPayloads(args.model, args.verify_fraction, args.device,
+                                                         args.trust_remote_code, args.coding_rows)
     result = pipeline.run()
     result.wait_until_finish()
     record = write_run_record(args, beam_args, result, fingerprint, model_dir, len(listing_errors),
@@ -166,6 +193,13 @@ def write_run_record(args, beam_args, result, fingerprint: str, model_dir: str, 
     dead = sum(r["dead_letters"] for r in shards)
     records_in = _counter(result, "input_records") + listing_errors
     padded, real = _counter(result, "padded_positions"), _counter(result, "scored_positions")
+    failed_names: list[str] = []
+    try:
+        sets = result.metrics().query(beam.metrics.MetricsFilter().with_namespace(NAMESPACE)
+                                      .with_name("payloads_failed_chunks"))["string_sets"]
+        failed_names = sorted(set().union(*(m.committed or set() for m in sets)))
+    except Exception:
+        pass
     total_bytes = sum(r["bytes"] for r in shards)
     scored_bytes = sum(r["scored_bytes"] for r in shards)
     bits = sum(r["bits"] for r in shards)
@@ -194,10 +228,23 @@ def write_run_record(args, beam_args, result, fingerprint: str, model_dir: str, 
         "bpb": {"model": bits / scored_bytes if scored_bytes else None,
                 "zlib": weighted("zlib_bpb"), "zstd": weighted("zstd_bpb"), "xz": weighted("xz_bpb")},
         "padding_fraction": padded / (padded + real) if padded >= 0 and real > 0 else None,
+        "coding": None if not args.coding else {
+            "precision": args.precision, "rows": args.coding_rows, "block": args.coding_block,
+            "coded_bits": sum(r["coded_bits"] or 0 for r in shards),
+            "coded_bpb": (sum(r["coded_bits"] or 0 for r in shards) / total_bytes) if total_bytes else None,
+            "overhead_vs_ideal": ((sum(r["coded_bits"] or 0 for r in shards) - bits) / bits) if bits else None,
+            "verify_fraction": args.verify_fraction,
+            "verified": max(_counter(result, "payloads_verified"), 0),
+            "verification_failed": max(_counter(result, "payloads_failed"), 0),
+            "failed_chunks": failed_names,
+        },
         "wall_seconds": round(wall_s, 2),
     }
     with fs.open(f"{root.rstrip('/')}/run.json", "w") as f:
         f.write(json.dumps(record, indent=2, default=str) + "\n")
+    if record["coding"] and record["coding"]["verification_failed"]:
+        print(f"[lmc-audit] ERROR: {record['coding']['verification_failed']} payloads did not decode to their "
+              f"chunk: {', '.join(failed_names[:10])}", file=sys.stderr)
     if not record["counts"]["reconciled"]:
         print(f"[lmc-audit] WARNING: {records_in} input records but {documents} documents + {dead} dead letters",
               file=sys.stderr)

@@ -1,13 +1,17 @@
 """``lmc-audit``: the command line.
 
-    lmc-audit run --input ... --output ...   audit a corpus (see ``lmc-audit run --help``)
+    lmc-audit run --input ... --output ...          audit a corpus (see ``lmc-audit run --help``)
+    lmc-audit decode --payloads ... --output ...    payloads back to documents
 """
 
 from __future__ import annotations
 
 import sys
 
-COMMANDS = {"run": "audit a corpus: read, chunk, score, write Parquet manifests"}
+COMMANDS = {
+    "run": "audit a corpus: read, chunk, score, code, write Parquet manifests",
+    "decode": "rebuild documents bit-exactly from the payloads of a run",
+}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -22,8 +26,13 @@ def main(argv: list[str] | None = None) -> int:
     if command == "run":
         from lmc_audit.pipelines.audit import run
 
-        run(rest)
-        return 0
+        record = run(rest)
+        coding = record.get("coding") or {}
+        return 1 if coding.get("verification_failed") else 0
+    if command == "decode":
+        from lmc_audit.pipelines.decode import run as decode
+
+        return decode(rest)
     print(f"lmc-audit: unknown command {command!r}; commands: {', '.join(COMMANDS)}", file=sys.stderr)
     return 2
 

@@ -20,7 +20,7 @@ import fsspec
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from lmc_audit.transforms import schemas
+from lmc_audit.transforms import payloads, schemas
 from lmc_audit.transforms.records import DeadLetter, ScoredChunk
 
 
@@ -56,7 +56,7 @@ def chunk_row(s: ScoredChunk) -> dict:
     n = len(c.data)
     return {
         "doc_id": c.doc_id, "shard": c.shard, "chunk_index": c.chunk_index, "offset": c.offset,
-        "bytes": n, "tokens": s.tokens, "bits": s.bits, "bpb": _ratio(s.bits, n),
+        "bytes": n, "tokens": s.tokens, "bits": s.bits, "bpb": _ratio(s.bits, n), "coded_bits": s.coded_bits,
         "zlib_bits": 8 * c.zlib_bytes, "zstd_bits": 8 * c.zstd_bytes, "xz_bits": 8 * c.xz_bytes,
         "padded_length": s.padded_length, "sha256": c.sha256, "flags": list(s.flags),
     }
@@ -74,11 +74,13 @@ def document_row(chunks: list[ScoredChunk]) -> dict:
             bits += s.bits
     scored_bytes = sum(len(s.chunk.data) for s in scored)
     content = hashlib.sha256(b"".join(s.chunk.sha256 for s in chunks)).hexdigest()
+    coded = None if any(s.coded_bits is None for s in chunks) else sum(s.coded_bits for s in chunks)
     return {
         "doc_id": first.doc_id, "shard": first.shard, "position": first.position,
         "bytes": n_bytes, "chunks": len(chunks), "tokens": sum(s.tokens for s in chunks),
         "scored_bytes": scored_bytes, "flagged_chunks": len(chunks) - len(scored),
         "bits": bits, "bpb": _ratio(bits, scored_bytes),
+        "coded_bits": coded, "coded_bpb": _ratio(coded, n_bytes),
         "zlib_bpb": 8 * sum(s.chunk.zlib_bytes for s in chunks) / n_bytes,
         "zstd_bpb": 8 * sum(s.chunk.zstd_bytes for s in chunks) / n_bytes,
         "xz_bpb": 8 * sum(s.chunk.xz_bytes for s in chunks) / n_bytes,
@@ -94,6 +96,7 @@ def shard_row(shard: str, docs: list[dict], dead_letters: int) -> dict:
         if d["bits"] is not None:
             bits += d["bits"]
     doc_bpb = sorted(d["bpb"] for d in docs if d["bpb"] is not None)
+    coded = None if not docs or any(d["coded_bits"] is None for d in docs) else sum(d["coded_bits"] for d in docs)
 
     def weighted(col: str) -> float | None:
         return _ratio(sum(d[col] * d["bytes"] for d in docs), n_bytes)
@@ -102,11 +105,19 @@ def shard_row(shard: str, docs: list[dict], dead_letters: int) -> dict:
         "shard": shard, "documents": len(docs), "dead_letters": dead_letters,
         "chunks": sum(d["chunks"] for d in docs), "flagged_chunks": sum(d["flagged_chunks"] for d in docs),
         "bytes": n_bytes, "scored_bytes": scored_bytes, "bits": bits, "bpb": _ratio(bits, scored_bytes),
+        "coded_bits": coded, "coded_bpb": _ratio(coded, n_bytes),
         "zlib_bpb": weighted("zlib_bpb"), "zstd_bpb": weighted("zstd_bpb"), "xz_bpb": weighted("xz_bpb"),
         "min_doc_bpb": doc_bpb[0] if doc_bpb else None,
         "median_doc_bpb": statistics.median(doc_bpb) if doc_bpb else None,
         "max_doc_bpb": doc_bpb[-1] if doc_bpb else None,
     }
+
+
+def payload_row(s: ScoredChunk) -> dict:
+    c = s.chunk
+    method = "stored" if s.payload[4 + 1] == payloads.METHOD_STORED else "model"
+    return {"doc_id": c.doc_id, "shard": c.shard, "position": c.position, "chunk_index": c.chunk_index,
+            "method": method, "recipe": s.recipe or "stored", "payload": s.payload}
 
 
 def dead_letter_row(d: DeadLetter) -> dict:
@@ -135,6 +146,10 @@ class WriteShardManifests(beam.DoFn):
         if chunks:
             write_table(self._output, "chunks", name, [chunk_row(s) for s in chunks], schemas.CHUNKS)
             write_table(self._output, "documents", name, docs, schemas.DOCUMENTS)
+            coded = [s for s in chunks if s.payload is not None]
+            if coded:
+                write_table(self._output, "payloads", name, [payload_row(s) for s in coded],
+                            schemas.PAYLOADS)
         if dead:
             write_table(self._output, "dead_letter", name, [dead_letter_row(d) for d in dead], schemas.DEAD_LETTER)
         shard = chunks[0].chunk.shard if chunks else dead[0].shard

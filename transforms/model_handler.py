@@ -19,6 +19,10 @@ depend on the batch.
 
 Only per-token log-probabilities leave the device ([rows, L] floats), never
 [rows, L, vocabulary] logits.
+
+With coding on (``CodingOptions``), the scores come from the block coder
+instead of one forward per batch: the same logits give the bits and the
+payload (see ``block_coding``), in groups of exactly ``rows`` rows.
 """
 
 from __future__ import annotations
@@ -33,7 +37,9 @@ import torch
 from apache_beam.metrics import Metrics
 from apache_beam.ml.inference.base import ModelHandler
 
+from lmc_audit.transforms.block_coding import BlockCoder
 from lmc_audit.transforms.model_loading import resolve_model_dir
+from lmc_audit.transforms.payloads import METHOD_MODEL, Header, Recipe, crc32, pack
 from lmc_audit.transforms.records import ScoredChunk, TokenizedChunk
 
 NAMESPACE = "lmc_audit"
@@ -57,6 +63,25 @@ def pick_dtype(dtype: str, device: torch.device) -> torch.dtype:
     return DTYPES[dtype]
 
 
+@dataclass(frozen=True)
+class CodingOptions:
+    """How chunks are arithmetic-coded; the decoder must use the same values."""
+
+    fingerprint: str
+    precision: int = 24
+    rows: int = 16
+    block: int = 16
+
+    def __post_init__(self):
+        if not 16 <= self.precision <= 32:
+            raise ValueError(f"precision must be 16..32 bits, got {self.precision}")
+        if self.rows < 1 or self.block < 1:
+            raise ValueError("coding rows and block must be at least 1")
+
+
+DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
+
+
 @dataclass
 class LoadedModel:
     """What ``load_model`` returns: a weak-referenceable holder (Beam needs that)."""
@@ -77,7 +102,8 @@ def token_logprobs(model, inputs: torch.Tensor, targets: torch.Tensor) -> torch.
 
 class CausalLMHandler(ModelHandler[TokenizedChunk, ScoredChunk, LoadedModel]):
     def __init__(self, model_spec: str, device: str = "auto", dtype: str = "auto",
-                 trust_remote_code: bool = False, max_batch_tokens: int = 16384):
+                 trust_remote_code: bool = False, max_batch_tokens: int = 16384,
+                 coding: CodingOptions | None = None):
         super().__init__()
         if dtype != "auto" and dtype not in DTYPES:
             raise ValueError(f"dtype {dtype!r} is not one of auto, {', '.join(DTYPES)}")
@@ -90,6 +116,7 @@ class CausalLMHandler(ModelHandler[TokenizedChunk, ScoredChunk, LoadedModel]):
         self._dtype = dtype
         self._trust_remote_code = trust_remote_code
         self._max_batch_tokens = max_batch_tokens
+        self._coding = coding
         self._padded = Metrics.counter(NAMESPACE, "padded_positions")
         self._real = Metrics.counter(NAMESPACE, "scored_positions")
         self._rows = Metrics.distribution(NAMESPACE, "rows_per_forward")
@@ -117,13 +144,41 @@ class CausalLMHandler(ModelHandler[TokenizedChunk, ScoredChunk, LoadedModel]):
         for i, item in enumerate(batch):
             by_length.setdefault(item.padded_length, []).append(i)
         results: list[ScoredChunk | None] = [None] * len(batch)
+        score = self._encode if self._coding else self._score
         for length, members in sorted(by_length.items()):
-            rows_per_forward = max(1, self._max_batch_tokens // length)
+            if self._coding:
+                rows_per_forward = self._coding.rows
+            else:
+                rows_per_forward = max(1, self._max_batch_tokens // length)
             for s in range(0, len(members), rows_per_forward):
                 group = [batch[i] for i in members[s:s + rows_per_forward]]
-                for i, scored in zip(members[s:s + rows_per_forward], self._score(group, length, model)):
+                for i, scored in zip(members[s:s + rows_per_forward], score(group, length, model)):
                     results[i] = scored
         return results
+
+    def recipe(self, lm: LoadedModel) -> Recipe:
+        c = self._coding
+        return Recipe.current(c.precision, DTYPE_NAMES[lm.dtype], lm.device.type, c.rows, c.block)
+
+    def _encode(self, group: list[TokenizedChunk], length: int, lm: LoadedModel) -> list[ScoredChunk]:
+        c = self._coding
+        coder = BlockCoder(lm.model, lm.device, c.precision, c.rows, c.block, group[0].start_id, lm.pad_id)
+        encoded = coder.encode([np.asarray(item.targets, np.int64) for item in group], length)
+        recipe = self.recipe(lm)
+        recipe_text = recipe.to_json()
+        fingerprint = bytes.fromhex(c.fingerprint)
+        out = []
+        for item, e in zip(group, encoded):
+            data = item.chunk.data
+            header = Header(METHOD_MODEL, c.precision, recipe.dtype, recipe.device, c.rows, length, c.block,
+                            len(data), len(item.targets), crc32(data), fingerprint, recipe.environment_hash())
+            out.append(ScoredChunk(item.chunk, len(item.targets), e.bits, length, (),
+                                   pack(header, e.stream), 8 * len(e.stream), recipe_text))
+        real = sum(len(item.targets) for item in group)
+        self._real.inc(real)
+        self._padded.inc(c.rows * length - real)
+        self._rows.update(len(group))
+        return out
 
     @torch.inference_mode()
     def _score(self, group: list[TokenizedChunk], length: int, lm: LoadedModel) -> list[ScoredChunk]:

@@ -74,6 +74,9 @@ class ScoredChunk:
     bits: float | None  # None when flagged
     padded_length: int
     flags: tuple[str, ...] = field(default=())
+    payload: bytes | None = None  # header + bitstream; None when coding is off
+    coded_bits: int | None = None  # bits of the bitstream alone
+    recipe: str | None = None  # the coding recipe as JSON (what the payload needs to decode)
 
 
 @dataclass(frozen=True)

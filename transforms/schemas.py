@@ -13,6 +13,7 @@ CHUNKS = pa.schema([
     pa.field("tokens", pa.int32(), nullable=False),
     pa.field("bits", pa.float64()),
     pa.field("bpb", pa.float64()),
+    pa.field("coded_bits", pa.int64()),
     pa.field("zlib_bits", pa.int64(), nullable=False),
     pa.field("zstd_bits", pa.int64(), nullable=False),
     pa.field("xz_bits", pa.int64(), nullable=False),
@@ -32,6 +33,8 @@ DOCUMENTS = pa.schema([
     pa.field("flagged_chunks", pa.int32(), nullable=False),
     pa.field("bits", pa.float64()),
     pa.field("bpb", pa.float64()),
+    pa.field("coded_bits", pa.int64()),
+    pa.field("coded_bpb", pa.float64()),
     pa.field("zlib_bpb", pa.float64(), nullable=False),
     pa.field("zstd_bpb", pa.float64(), nullable=False),
     pa.field("xz_bpb", pa.float64(), nullable=False),
@@ -48,6 +51,8 @@ SHARDS = pa.schema([
     pa.field("scored_bytes", pa.int64(), nullable=False),
     pa.field("bits", pa.float64(), nullable=False),
     pa.field("bpb", pa.float64()),
+    pa.field("coded_bits", pa.int64()),
+    pa.field("coded_bpb", pa.float64()),
     pa.field("zlib_bpb", pa.float64()),
     pa.field("zstd_bpb", pa.float64()),
     pa.field("xz_bpb", pa.float64()),
@@ -63,9 +68,20 @@ DEAD_LETTER = pa.schema([
     pa.field("reason", pa.string(), nullable=False),
 ])
 
+PAYLOADS = pa.schema([
+    pa.field("doc_id", pa.string(), nullable=False),
+    pa.field("shard", pa.string(), nullable=False),
+    pa.field("position", pa.int64(), nullable=False),
+    pa.field("chunk_index", pa.int32(), nullable=False),
+    pa.field("method", pa.string(), nullable=False),
+    pa.field("recipe", pa.string(), nullable=False),
+    pa.field("payload", pa.binary(), nullable=False),
+])
+
 MANIFESTS = {
     "chunks": CHUNKS,
     "documents": DOCUMENTS,
     "shards": SHARDS,
     "dead_letter": DEAD_LETTER,
+    "payloads": PAYLOADS,
 }

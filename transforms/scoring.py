@@ -10,11 +10,14 @@ flagged ``ScoredChunk`` elements: nothing is dropped.
 
 from __future__ import annotations
 
+import dataclasses
+
 import apache_beam as beam
 from apache_beam.ml.inference.base import RunInference
 from apache_beam.transforms.util import SortAndBatchElements
 
-from lmc_audit.transforms.model_handler import CausalLMHandler
+from lmc_audit.transforms import payloads
+from lmc_audit.transforms.model_handler import CausalLMHandler, CodingOptions
 from lmc_audit.transforms.model_loading import validate_model_spec
 from lmc_audit.transforms.progress import Progress
 from lmc_audit.transforms.records import ScoredChunk, TokenizedChunk
@@ -31,6 +34,21 @@ def _failed_batch_to_rows(failure) -> list[ScoredChunk]:
     return [ScoredChunk(item.chunk, len(item.targets), None, item.padded_length, (reason,)) for item in batch]
 
 
+class StoreUncodable(beam.DoFn):
+    """Flagged chunks get a stored payload, so every chunk still decodes to its bytes."""
+
+    def __init__(self, coding: CodingOptions | None):
+        self._coding = coding
+
+    def process(self, scored: ScoredChunk):
+        if self._coding is None or scored.payload is not None:
+            yield scored
+            return
+        data = scored.chunk.data
+        yield dataclasses.replace(scored, payload=payloads.stored(data, self._coding.fingerprint),
+                                  coded_bits=8 * len(data))
+
+
 def _report(scored: ScoredChunk) -> ScoredChunk:
     Progress.add(chunks=1, bytes=len(scored.chunk.data))
     return scored
@@ -39,14 +57,18 @@ def _report(scored: ScoredChunk) -> ScoredChunk:
 class ScoreChunks(beam.PTransform):
     def __init__(self, model_spec: str = "bundled", device: str = "auto", dtype: str = "auto",
                  trust_remote_code: bool = False, max_batch_tokens: int = 16384,
-                 max_batch_rows: int = 64, length_granularity: int = 64):
+                 max_batch_rows: int = 64, length_granularity: int = 64, coding: CodingOptions | None = None):
         super().__init__()
         validate_model_spec(model_spec)
         if length_granularity < 1:
             raise ValueError("length_granularity must be at least 1")
         if max_batch_rows < 1:
             raise ValueError("max_batch_rows must be at least 1")
-        self._handler = CausalLMHandler(model_spec, device, dtype, trust_remote_code, max_batch_tokens)
+        if coding is not None and length_granularity % coding.block:
+            raise ValueError(f"length_granularity {length_granularity} must be a multiple of the coding block "
+                             f"{coding.block}")
+        self._coding = coding
+        self._handler = CausalLMHandler(model_spec, device, dtype, trust_remote_code, max_batch_tokens, coding)
         self._tokenize = TokenizeChunksFn(model_spec, trust_remote_code, length_granularity)
         self._max_batch_tokens = max_batch_tokens
         self._max_batch_rows = max_batch_rows
@@ -64,5 +86,6 @@ class ScoreChunks(beam.PTransform):
         return (
             (scored, tokenized[FLAGGED], failed_rows)
             | "AllChunks" >> beam.Flatten()
+            | "StoreUncodable" >> beam.ParDo(StoreUncodable(self._coding))
             | "Progress" >> beam.Map(_report)
         )

@@ -1,0 +1,174 @@
+"""Payloads back to bytes: ``PayloadDecoder`` and the in-pipeline ``VerifyPayloads``.
+
+A payload decodes only under the model, dtype, device type, library
+versions and shapes it was coded with. Each is checked against the header
+before any decoding, and a mismatch is refused with what differs; after
+decoding, the length and CRC32 of the bytes are checked too.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from collections.abc import Iterator, Sequence
+
+import apache_beam as beam
+import numpy as np
+from apache_beam.metrics import Metrics
+
+from lmc_audit.transforms.block_coding import BlockCoder
+from lmc_audit.transforms.model_handler import DTYPE_NAMES, CausalLMHandler, LoadedModel, pick_device
+from lmc_audit.transforms.model_loading import model_fingerprint, resolve_model_dir
+from lmc_audit.transforms.payloads import METHOD_STORED, Header, PayloadError, Recipe, crc32, unpack
+from lmc_audit.transforms.records import ScoredChunk
+from lmc_audit.transforms.tokenization import ChunkTokenizer
+
+NAMESPACE = "lmc_audit"
+log = logging.getLogger(__name__)
+
+
+class PayloadDecoder:
+    def __init__(self, model_spec: str, device: str = "auto", trust_remote_code: bool = False):
+        self._spec = model_spec
+        self._model_dir = resolve_model_dir(model_spec)
+        self.fingerprint = model_fingerprint(self._model_dir)
+        self._device = pick_device(device)
+        self._trust = trust_remote_code
+        self._tok = ChunkTokenizer.from_model_dir(self._model_dir, trust_remote_code)
+        self._models: dict[str, LoadedModel] = {}
+        self.forwards = 0
+
+    def _model(self, dtype: str) -> LoadedModel:
+        if dtype not in self._models:
+            handler = CausalLMHandler(self._spec, str(self._device), dtype, self._trust)
+            self._models[dtype] = handler.load_model()
+        return self._models[dtype]
+
+    def check(self, header: Header, recipe_text: str | None = None) -> None:
+        """Raises PayloadError saying what differs between the payload's recipe and this environment."""
+        if header.fingerprint != bytes.fromhex(self.fingerprint)[:8]:
+            raise PayloadError(
+                f"the payload was coded with model fingerprint {header.fingerprint.hex()}…, but --model "
+                f"{self._spec} has {self.fingerprint[:16]}…: pass the model that wrote it (run.json names it)")
+        if header.method == METHOD_STORED:
+            return
+        if header.device != self._device.type:
+            raise PayloadError(f"the payload was coded on a {header.device} device and this decoder runs on "
+                               f"{self._device.type}: logits differ across device types; decode with "
+                               f"--device {header.device}")
+        here = Recipe.current(header.precision, header.dtype, header.device, header.rows, header.block)
+        if header.environment != here.environment_hash():
+            raise PayloadError(
+                "the payload was coded in another environment "
+                f"({recipe_text or 'recipe text not at hand'}); here: scheme {here.scheme}, torch {here.torch}, "
+                f"transformers {here.transformers}. Decode with the versions that coded it.")
+
+    def decode(self, payloads: Sequence[bytes], names: Sequence[str] | None = None,
+               recipes: Sequence[str | None] | None = None) -> list[bytes | PayloadError]:
+        """Bytes of each payload, or the PayloadError that says why it cannot be decoded."""
+        names = list(names or [f"payload {i}" for i in range(len(payloads))])
+        recipes = list(recipes or [None] * len(payloads))
+        results: list[bytes | PayloadError | None] = [None] * len(payloads)
+        groups: dict[tuple, list[tuple[int, Header, bytes]]] = {}
+        for i, payload in enumerate(payloads):
+            try:
+                header, body = unpack(payload)
+                self.check(header, recipes[i])
+            except PayloadError as exc:
+                results[i] = PayloadError(f"{names[i]}: {exc}")
+                continue
+            if header.method == METHOD_STORED:
+                results[i] = self._verify(names[i], header, body)
+                continue
+            key = (header.dtype, header.length, header.rows, header.block, header.precision)
+            groups.setdefault(key, []).append((i, header, body))
+        for (dtype, length, rows, block, precision), members in sorted(groups.items()):
+            lm = self._model(dtype)
+            coder = BlockCoder(lm.model, lm.device, precision, rows, block, self._tok.start_id, lm.pad_id)
+            for s in range(0, len(members), rows):
+                part = members[s:s + rows]
+                try:
+                    tokens, forwards = coder.decode([b for _, _, b in part], [h.n_tokens for _, h, _ in part],
+                                                    length)
+                    self.forwards += forwards
+                except ValueError as exc:
+                    for i, _, _ in part:
+                        results[i] = PayloadError(f"{names[i]}: the bitstream is corrupt ({exc})")
+                    continue
+                for (i, header, _), ids in zip(part, tokens):
+                    results[i] = self._verify(names[i], header, self._to_bytes(ids))
+        return results  # type: ignore[return-value]
+
+    def _to_bytes(self, ids: np.ndarray) -> bytes:
+        if self._tok.byte_level:
+            if ids.size and (ids.min() < 0 or ids.max() > 255):
+                return b""  # an id that is no byte: the CRC check reports it
+            return ids.astype(np.uint8).tobytes()
+        return self._tok.tokenizer.decode(ids.tolist(), skip_special_tokens=False,
+                                          clean_up_tokenization_spaces=False).encode("utf-8", "surrogatepass")
+
+    @staticmethod
+    def _verify(name: str, header: Header, data: bytes) -> bytes | PayloadError:
+        if len(data) != header.n_bytes or crc32(data) != header.crc32:
+            return PayloadError(f"{name}: decoded {len(data)} bytes whose CRC32 does not match the header "
+                                f"({header.n_bytes} bytes): the payload is corrupt or was coded elsewhere")
+        return data
+
+
+def chunk_name(doc_id: str, chunk_index: int) -> str:
+    return f"chunk {chunk_index} of document {doc_id!r}"
+
+
+def selected_for_verification(doc_id: str, chunk_index: int, fraction: float) -> bool:
+    """A fixed, reproducible sample: the same chunks are verified on every run."""
+    if fraction >= 1.0:
+        return True
+    digest = hashlib.sha256(f"{doc_id}\0{chunk_index}".encode()).digest()
+    return int.from_bytes(digest[:8], "big") < fraction * 2**64
+
+
+class VerifyPayloadsFn(beam.DoFn):
+    def __init__(self, model_spec: str, device: str, trust_remote_code: bool):
+        self._spec, self._device, self._trust = model_spec, device, trust_remote_code
+
+    def setup(self) -> None:
+        self._decoder = PayloadDecoder(self._spec, self._device, self._trust)
+        self._ok = Metrics.counter(NAMESPACE, "payloads_verified")
+        self._failed = Metrics.counter(NAMESPACE, "payloads_failed")
+        self._failed_names = Metrics.string_set(NAMESPACE, "payloads_failed_chunks")
+
+    def process(self, batch: list[ScoredChunk]) -> Iterator[tuple[str, bool]]:
+        names = [chunk_name(s.chunk.doc_id, s.chunk.chunk_index) for s in batch]
+        for scored, name, got in zip(batch, names, self._decoder.decode([s.payload for s in batch], names)):
+            if isinstance(got, bytes) and got == scored.chunk.data:
+                self._ok.inc()
+                yield name, True
+            else:
+                reason = str(got) if isinstance(got, PayloadError) else f"{name}: decoded bytes differ"
+                log.error("payload verification failed: %s", reason)
+                self._failed.inc()
+                self._failed_names.add(name)
+                yield name, False
+
+
+class VerifyPayloads(beam.PTransform):
+    """Decodes a reproducible sample of the payloads and compares them with the chunks' bytes."""
+
+    def __init__(self, model_spec: str, fraction: float, device: str = "auto", trust_remote_code: bool = False,
+                 batch_rows: int = 64):
+        super().__init__()
+        if not 0.0 <= fraction <= 1.0:
+            raise ValueError(f"the verified fraction must be in [0, 1], got {fraction}")
+        self._fn = VerifyPayloadsFn(model_spec, device, trust_remote_code)
+        self._fraction = fraction
+        self._batch_rows = batch_rows
+
+    def expand(self, scored):
+        fraction = self._fraction
+        return (
+            scored
+            | "PickSample" >> beam.Filter(lambda s: s.payload is not None and selected_for_verification(
+                s.chunk.doc_id, s.chunk.chunk_index, fraction))
+            | "Batch" >> beam.BatchElements(min_batch_size=1, max_batch_size=self._batch_rows)
+            | "Decode" >> beam.ParDo(self._fn)
+        )
