@@ -156,9 +156,8 @@ def run(argv: list[str] | None = None, test_pipeline: beam.Pipeline | None = Non
         read.main
         | "ChunkDocuments" >> ChunkDocuments(args.chunk_bytes)
         | "ScoreChunks" >> ScoreChunks(args.model, args.device, args.dtype, args.trust_remote_code,
-                                       args.max_batch_tokens,
-                                       args.coding_rows * 4 if args.coding else args.max_batch_rows,
-                                       args.length_granularity, coding)
+                                       args.max_batch_tokens, args.max_batch_rows, args.length_granularity,
+                                       coding)
     )
     _ = (scored, dead_letters) | "WriteManifests" >> WriteManifests(args.output)
     if args.coding and args.verify_fraction > 0:

@@ -104,9 +104,10 @@ class BlockCoder:
             logp[:, s:s + self.block] = logits.gather(-1, tgt[..., None])[..., 0] - torch.logsumexp(logits, -1)
             # Slices of 16 positions bound the [R, 16, V] int64 table for large vocabularies.
             for q in range(0, self.block, 16):
-                st, fr = pick(quantize(logits[:, q:q + 16], self.precision), tgt[:, q:q + 16])
-                starts[:, s + q:s + q + 16] = st
-                freqs[:, s + q:s + q + 16] = fr
+                e = min(q + 16, self.block)
+                st, fr = pick(quantize(logits[:, q:e], self.precision), tgt[:, q:e])
+                starts[:, s + q:s + e] = st
+                freqs[:, s + q:s + e] = fr
         counts = np.array([len(t) for t in group_targets] + [0] * (self.rows - len(group_targets)), np.int64)
         starts_h, freqs_h, logp_h = starts.cpu().numpy(), freqs.cpu().numpy(), logp.cpu().numpy()
         streams = range_coder.encode_rows(starts_h, freqs_h, counts, self.precision)

@@ -1,0 +1,215 @@
+"""Arithmetic coding in the pipeline, and decoding back to the exact bytes."""
+
+from __future__ import annotations
+
+import gzip
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pyarrow.dataset as ds
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from lmc_audit.pipelines.audit import bundled_sample_dir, run
+from lmc_audit.pipelines.decode import run as decode, safe_name
+from lmc_audit.transforms.block_coding import BlockCoder
+from lmc_audit.transforms.decoding import PayloadDecoder, selected_for_verification
+from lmc_audit.transforms.model_handler import CausalLMHandler, CodingOptions
+from lmc_audit.transforms.model_loading import model_fingerprint
+from lmc_audit.transforms.payloads import HEADER_BYTES, PayloadError, unpack
+from lmc_audit.transforms.records import Chunk, TokenizedChunk
+from lmc_audit.transforms.tokenization import ChunkTokenizer, padded_length
+
+
+def code_and_decode(model_dir: str, datas: list[bytes], rows: int = 4, block: int = 16, batch=None):
+    """Encodes chunks through the model handler (as the pipeline does) and decodes the payloads."""
+    fp = model_fingerprint(model_dir)
+    handler = CausalLMHandler(model_dir, device="cpu", dtype="float32", coding=CodingOptions(fp, 24, rows, block))
+    lm = handler.load_model()
+    tok = ChunkTokenizer.from_model_dir(model_dir)
+    items = []
+    for i, d in enumerate(datas):
+        targets, flags = tok.encode(d)
+        assert not flags
+        chunk = Chunk(f"d{i}", "s", 0, i, 0, 0, d, b"", 0, 0, 0)
+        items.append(TokenizedChunk(chunk, targets, tok.start_id, padded_length(len(targets), 64, tok.max_positions)))
+    scored = handler.run_inference(batch(items) if batch else items, lm)
+    decoder = PayloadDecoder(model_dir, "cpu")
+    return scored, decoder.decode([s.payload for s in scored])
+
+
+def test_edge_chunks_round_trip(tiny_byte_model):
+    rng = np.random.default_rng(0)
+    datas = [b"x", rng.integers(0, 256, 300, dtype=np.uint8).tobytes(), b"\xff\xfe\x80 invalid utf-8 \xc3",
+             b"hello, world " * 9, bytes(range(256))]
+    scored, decoded = code_and_decode(tiny_byte_model, datas)
+    assert decoded == datas
+    for s, d in zip(scored, datas):
+        header, body = unpack(s.payload)
+        assert header.n_bytes == len(d) and header.n_tokens == len(d) and header.length == s.padded_length
+        assert s.coded_bits == 8 * len(body) == 8 * (len(s.payload) - HEADER_BYTES)
+        # Overhead target: ideal + 0.1% + 32 bits per chunk.
+        assert s.coded_bits <= s.bits * 1.001 + 32
+
+
+def test_payload_does_not_depend_on_batch_mates(tiny_byte_model):
+    datas = [f"chunk number {i} ".encode() * (3 + i) for i in range(6)]
+    alone, _ = code_and_decode(tiny_byte_model, datas[:1])
+    mixed, decoded = code_and_decode(tiny_byte_model, datas, batch=lambda items: items[::-1])
+    assert decoded == datas[::-1]
+    assert mixed[-1].payload == alone[0].payload and mixed[-1].bits == alone[0].bits
+
+
+def test_tokenizer_model_chunk_round_trip(tiny_bpe_model):
+    datas = ["def add(a, b):\n    return a + b\n".encode(), "ünïcödé ✓ text".encode()]
+    scored, decoded = code_and_decode(tiny_bpe_model, datas)
+    assert decoded == datas
+    assert all(s.tokens < len(d) for s, d in zip(scored, datas[:1]))
+
+
+def test_block_coder_decodes_every_block_size(tiny_byte_model):
+    lm = CausalLMHandler(tiny_byte_model, device="cpu", dtype="float32").load_model()
+    text = np.frombuffer(b"block boundaries must not matter " * 6, np.uint8).astype(np.int64)
+    for block in (1, 8, 64):
+        coder = BlockCoder(lm.model, lm.device, 24, 2, block, 256, 256)
+        enc = coder.encode([text[:190], text[:7]], 192)
+        ids, forwards = coder.decode([e.stream for e in enc], [190, 7], 192)
+        assert np.array_equal(ids[0], text[:190]) and np.array_equal(ids[1], text[:7])
+        assert forwards <= 190
+
+
+def test_corrupt_payload_and_wrong_model_fail_clearly(tiny_byte_model, tiny_bpe_model, tmp_path):
+    data = b"some bytes to code " * 5
+    scored, _ = code_and_decode(tiny_byte_model, [data])
+    payload = scored[0].payload
+    decoder = PayloadDecoder(tiny_byte_model, "cpu")
+    flipped = bytearray(payload)
+    flipped[HEADER_BYTES + 3] ^= 0x40
+    (got,) = decoder.decode([bytes(flipped)], ["chunk 0 of 'd0'"])
+    assert isinstance(got, PayloadError) and "chunk 0 of 'd0'" in str(got)
+    assert "CRC32" in str(got) or "corrupt" in str(got)
+    (got,) = decoder.decode([b"garbage"])
+    assert isinstance(got, PayloadError) and "not an lmc-audit payload" in str(got)
+    (got,) = PayloadDecoder(tiny_bpe_model, "cpu").decode([payload])
+    assert isinstance(got, PayloadError) and "fingerprint" in str(got) and "pass the model that wrote it" in str(got)
+    other_env = bytearray(payload)
+    other_env[HEADER_BYTES - 4:HEADER_BYTES] = b"\0\0\0\0"
+    (got,) = decoder.decode([bytes(other_env)], recipes=['{"torch": "9.9"}'])
+    assert isinstance(got, PayloadError) and "another environment" in str(got) and "9.9" in str(got)
+
+
+def test_verification_sample_is_fixed_and_sized():
+    picked = [selected_for_verification(f"doc{i}", 0, 0.1) for i in range(5000)]
+    assert picked == [selected_for_verification(f"doc{i}", 0, 0.1) for i in range(5000)]
+    assert 400 < sum(picked) < 600
+    assert all(selected_for_verification("x", i, 1.0) for i in range(10))
+
+
+def test_safe_names_are_unique_and_safe():
+    ids = ["a/b", "a%2Fb", "..", ".hidden", "x" * 500, "x" * 499 + "y", "ünï cöde", ""]
+    names = [safe_name(i) for i in ids]
+    assert len(set(names)) == len(ids)
+    assert all("/" not in n and not n.startswith(".") and 0 < len(n) <= 200 for n in names)
+
+
+def _sample_documents() -> dict[str, bytes]:
+    docs = {}
+    for p in sorted(Path(bundled_sample_dir()).glob("*.txt")):
+        docs[f"{p}#0"] = p.read_bytes()
+    with gzip.open(Path(bundled_sample_dir()) / "docs.jsonl.gz") as f:
+        for line in f:
+            rec = json.loads(line)
+            docs[rec["id"]] = rec["text"].encode()
+    return docs
+
+
+@pytest.fixture(scope="module")
+def coded_sample(tmp_path_factory):
+    """The whole sample corpus through the pipeline with the bundled model, coding on, every chunk verified."""
+    out = tmp_path_factory.mktemp("coded_sample")
+    record = run(["--sample", "--id-field", "id", "--output", str(out), "--chunk-bytes", "256",
+                  "--verify-fraction", "0.05", "--quiet"])
+    return out, record
+
+
+def test_every_sample_chunk_decodes_exactly(coded_sample, tmp_path):
+    out, record = coded_sample
+    chunks = ds.dataset(out / "chunks", format="parquet").to_table().to_pylist()
+    payloads = ds.dataset(out / "payloads", format="parquet").to_table().to_pylist()
+    assert len(payloads) == len(chunks) == record["counts"]["chunks"]
+    assert record["coding"]["verified"] > 0 and record["coding"]["verification_failed"] == 0
+    # Coded size against the ideal: at most ideal + 0.1% + 32 bits per chunk.
+    for c in chunks:
+        assert c["coded_bits"] <= c["bits"] * 1.001 + 32
+    assert record["coding"]["overhead_vs_ideal"] < 0.01
+    target = tmp_path / "decoded"
+    assert decode(["--payloads", str(out / "payloads"), "--output", str(target)]) == 0
+    expected = _sample_documents()
+    got = {p.name: p.read_bytes() for p in target.iterdir()}
+    assert got == {safe_name(k): v for k, v in expected.items()}
+
+
+def test_decode_selection_jsonl_and_cli(coded_sample, tmp_path):
+    out, _ = coded_sample
+    docs = _sample_documents()
+    doc_id = "library/weakref.rst.txt"
+    target = tmp_path / "one"
+    assert decode(["--payloads", str(out / "payloads"), "--output", str(target), "--doc-id", doc_id,
+                   "--format", "jsonl"]) == 0
+    lines = [json.loads(x) for x in (target / "decoded.jsonl").read_text().splitlines()]
+    assert [(x["doc_id"], x["text"].encode()) for x in lines] == [(doc_id, docs[doc_id])]
+    # The installed command line, as a user runs it: one chunk.
+    proc = subprocess.run([sys.executable, "-m", "lmc_audit.pipelines.cli", "decode", "--payloads",
+                           str(out / "payloads"), "--output", str(tmp_path / "c"), "--chunk", f"{doc_id}:1"],
+                          capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    assert (tmp_path / "c" / f"{safe_name(doc_id)}.chunk-1").read_bytes() == docs[doc_id][256:512]
+
+
+def test_decode_refuses_a_corrupted_payloads_file(coded_sample, tmp_path):
+    out, _ = coded_sample
+    table = pq.read_table(next((out / "payloads").glob("part-*.parquet")))
+    rows = table.to_pylist()[:2]
+    rows[0]["payload"] = rows[0]["payload"][:HEADER_BYTES] + bytes(b ^ 0x5A for b in rows[0]["payload"][HEADER_BYTES:])
+    bad = tmp_path / "payloads"
+    bad.mkdir()
+    pq.write_table(type(table).from_pylist(rows, schema=table.schema), bad / "part-00000.parquet")
+    target = tmp_path / "d"
+    assert decode(["--payloads", str(bad), "--output", str(target), "--model", "bundled"]) == 1
+    assert not any(target.iterdir())  # the document with a bad chunk is not written
+
+
+def test_flagged_chunks_get_stored_payloads(tmp_path, tiny_bpe_model):
+    corpus = tmp_path / "c"
+    corpus.mkdir()
+    (corpus / "bytes.txt").write_bytes(b"valid start \xff\xfe then invalid")
+    (corpus / "ok.txt").write_bytes("ünïcödé is fine".encode())
+    (corpus / "empty.txt").write_bytes(b"")
+    out = tmp_path / "out"
+    record = run(["--input", str(corpus), "--output", str(out), "--model", tiny_bpe_model,
+                  "--verify-fraction", "1.0", "--quiet"])
+    assert record["counts"]["reconciled"] and record["counts"]["dead_letters"] == 1  # the empty document
+    assert record["coding"]["verified"] == 2 and record["coding"]["verification_failed"] == 0
+    methods = {r["doc_id"].rsplit("/", 1)[-1]: r["method"]
+               for r in ds.dataset(out / "payloads", format="parquet").to_table().to_pylist()}
+    assert methods == {"bytes.txt#0": "stored", "ok.txt#0": "model"}
+    target = tmp_path / "dec"
+    assert decode(["--payloads", str(out / "payloads"), "--output", str(target)]) == 0
+    assert {p.read_bytes() for p in target.iterdir()} == {(corpus / "bytes.txt").read_bytes(),
+                                                           (corpus / "ok.txt").read_bytes()}
+
+
+def test_coding_options_are_validated(tmp_path):
+    with pytest.raises(SystemExit, match="--verify-fraction"):
+        run(["--sample", "--output", str(tmp_path / "o"), "--verify-fraction", "2"])
+    with pytest.raises(SystemExit, match="--precision"):
+        run(["--sample", "--output", str(tmp_path / "o"), "--precision", "8"])
+    with pytest.raises(SystemExit, match="multiple of --coding-block"):
+        run(["--sample", "--output", str(tmp_path / "o"), "--coding-block", "48"])
+    with pytest.raises(ValueError, match="precision"):
+        CodingOptions("00", precision=40)
+    assert torch.get_num_threads() >= 1
