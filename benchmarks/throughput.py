@@ -7,7 +7,8 @@
    the per-token log-probabilities are timed (tokens/s).
 2. Pipeline: ``lmc-audit run`` on DirectRunner over the same input, whole
    (listing, reading, chunking, baselines, scoring, manifests), timed from
-   start to end (bytes/s).
+   start to end (bytes/s), with ``--no-coding`` (scores only) and with
+   arithmetic coding and its in-job verification (the default).
 The ratio of the two shows what the pipeline costs beyond the model.
 """
 
@@ -95,12 +96,16 @@ def main(argv: list[str] | None = None) -> dict:
 
     chunks = read_chunks(inputs, args.chunk_bytes)
     raw = raw_forward(args.model, chunks, args.max_batch_tokens, 64)
-    with tempfile.TemporaryDirectory() as out:
-        t0 = time.perf_counter()
-        record = run(["--input", *inputs, "--output", out, "--model", args.model, "--device", "cpu",
-                      "--chunk-bytes", str(args.chunk_bytes), "--max-batch-tokens", str(args.max_batch_tokens),
-                      "--quiet"])
-        pipe_seconds = time.perf_counter() - t0
+    timings = {}
+    for mode in ("--no-coding", "--coding"):
+        with tempfile.TemporaryDirectory() as out:
+            t0 = time.perf_counter()
+            record = run(["--input", *inputs, "--output", out, "--model", args.model, "--device", "cpu",
+                          "--chunk-bytes", str(args.chunk_bytes), "--max-batch-tokens", str(args.max_batch_tokens),
+                          "--quiet"] + (["--no-coding"] if mode == "--no-coding" else []))
+            timings[mode] = (time.perf_counter() - t0, record)
+    pipe_seconds, record = timings["--no-coding"]
+    coded_seconds, coded_record = timings["--coding"]
     n_bytes = record["counts"]["bytes"]
     result = {
         "machine": f"{platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
@@ -113,6 +118,11 @@ def main(argv: list[str] | None = None) -> dict:
         "pipeline_padding_fraction": round(record["padding_fraction"], 4),
         "pipeline_over_raw": round((n_bytes / pipe_seconds) / raw["tokens_per_s"], 3),
         "model_bpb": round(record["bpb"]["model"], 4),
+        "pipeline_with_coding_bytes_per_s": round(n_bytes / coded_seconds),
+        "pipeline_with_coding_seconds": round(coded_seconds, 1),
+        "coded_bpb": round(coded_record["coding"]["coded_bpb"], 4),
+        "coded_overhead_vs_ideal": coded_record["coding"]["overhead_vs_ideal"],
+        "verified_payloads": coded_record["coding"]["verified"],
     }
     print(json.dumps(result, indent=2))
     if args.json:

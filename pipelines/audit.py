@@ -80,11 +80,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="score only: no payloads (bits from one plain forward per batch)")
     c.add_argument("--precision", type=int, default=24,
                    help="bits of the integer frequency total each distribution is quantized to (16-32)")
-    c.add_argument("--coding-rows", type=int, default=16,
+    c.add_argument("--coding-rows", type=int, default=32,
                    help="rows of every coding forward (a fixed shape, recorded in each payload)")
-    c.add_argument("--coding-block", type=int, default=16,
+    c.add_argument("--coding-block", type=int, default=8,
                    help="positions per coding forward; smaller decodes faster, larger encodes faster")
-    c.add_argument("--verify-fraction", type=float, default=0.005,
+    c.add_argument("--verify-fraction", type=float, default=0.01,
                    help="fraction of chunks decoded again in the job to prove the payloads (a fixed sample)")
     p.add_argument("--quiet", action="store_true", help="no summary table at the end")
     return p

@@ -27,11 +27,17 @@ def print_summary(output: str) -> None:
         ("bpb zlib -9", _fmt(bpb["zlib"])),
         ("bpb zstd -19", _fmt(bpb["zstd"])),
         ("bpb xz -9", _fmt(bpb["xz"])),
-        ("wall time", f"{record['wall_seconds']:.1f} s"),
     ]
+    coding = record.get("coding")
+    if coding:
+        rows.append(("bpb coded", f"{_fmt(coding['coded_bpb'])}  (+{100 * (coding['overhead_vs_ideal'] or 0):.3f}% "
+                                  "over the model's ideal bits)"))
+        rows.append(("verified", f"{coding['verified']:,} payloads decoded exactly, "
+                                 f"{coding['verification_failed']:,} failed"))
+    rows.append(("wall time", f"{record['wall_seconds']:.1f} s"))
     width = max(len(k) for k, _ in rows)
     print()
     for k, v in rows:
         print(f"  {k:<{width}}  {v}")
-    print(f"\n  manifests: {output.rstrip('/')}/{{chunks,documents,shards,dead_letter}}/  run record: "
-          f"{output.rstrip('/')}/run.json")
+    folders = "chunks,documents,shards,dead_letter" + (",payloads" if coding else "")
+    print(f"\n  manifests: {output.rstrip('/')}/{{{folders}}}/\n  run record: {output.rstrip('/')}/run.json")

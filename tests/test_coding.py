@@ -131,8 +131,9 @@ def _sample_documents() -> dict[str, bytes]:
 def coded_sample(tmp_path_factory):
     """The whole sample corpus through the pipeline with the bundled model, coding on, every chunk verified."""
     out = tmp_path_factory.mktemp("coded_sample")
+    # 256-byte chunks and 64 rows x 4 positions per forward keep the full decode to about a minute.
     record = run(["--sample", "--id-field", "id", "--output", str(out), "--chunk-bytes", "256",
-                  "--verify-fraction", "0.05", "--quiet"])
+                  "--coding-rows", "64", "--coding-block", "4", "--verify-fraction", "0.05", "--quiet"])
     return out, record
 
 

@@ -69,8 +69,8 @@ class CodingOptions:
 
     fingerprint: str
     precision: int = 24
-    rows: int = 16
-    block: int = 16
+    rows: int = 32
+    block: int = 8
 
     def __post_init__(self):
         if not 16 <= self.precision <= 32:

@@ -173,6 +173,30 @@ def decode_with_cdfs(data, cdfs, precision, symbols):
     return True
 
 
+@njit(cache=True)
+def decode_known(data, starts, freqs, precision):
+    """Range-decodes a stream whose symbols' (start, freq) are known, checking each slot; the host-side
+    cost of decoding (the model finds the symbol from the slot). Returns the number of symbols that matched."""
+    offsets = np.zeros(1, np.int64)
+    ends = np.full(1, data.shape[0], np.int64)
+    code = np.zeros(1, np.uint64)
+    rng = np.zeros(1, np.uint64)
+    pos = np.zeros(1, np.int64)
+    decoder_init(data, offsets, ends, code, rng, pos)
+    slots = np.zeros(1, np.int64)
+    st = np.zeros(1, np.int64)
+    fr = np.zeros(1, np.int64)
+    active = np.ones(1, np.bool_)
+    for i in range(starts.shape[0]):
+        decoder_slots(code, rng, precision, slots)
+        if not (starts[i] <= slots[0] < starts[i] + freqs[i]):
+            return i
+        st[0] = starts[i]
+        fr[0] = freqs[i]
+        decoder_advance(data, ends, code, rng, pos, st, fr, precision, active)
+    return starts.shape[0]
+
+
 def _check(starts: np.ndarray, freqs: np.ndarray, precision: int) -> None:
     if not 1 <= precision <= MAX_PRECISION:
         raise ValueError(f"precision must be 1..{MAX_PRECISION} bits, got {precision}")
