@@ -172,3 +172,23 @@ def test_cli_help_documents_every_option(capsys):
                  "--device", "--dtype", "--trust-remote-code", "--max-batch-tokens", "--sample", "--overwrite"]:
         assert flag in text
     assert cli_main([]) == 2 and cli_main(["bogus"]) == 2
+
+
+def test_two_worker_processes_write_identical_manifests(tmp_path, tiny_byte_model):
+    """DirectRunner multi-processing: the same manifests, payloads included, as one worker."""
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    for i in range(4):
+        (corpus / f"part-{i}.jsonl").write_text("\n".join(
+            json.dumps({"text": f"shard {i} line {j} " * (5 + j % 7)}) for j in range(12)) + "\n")
+    outs = []
+    for extra in ([], ["--direct_num_workers=2", "--direct_running_mode=multi_processing"]):
+        out = tmp_path / f"out{len(outs)}"
+        run(["--input", str(corpus), "--output", str(out), "--model", tiny_byte_model, "--quiet",
+             "--chunk-bytes", "128", "--coding-rows", "8", "--verify-fraction", "0", *extra])
+        outs.append(out)
+    files = sorted(p.relative_to(outs[0]) for p in outs[0].rglob("*.parquet"))
+    assert any(f.parts[0] == "payloads" for f in files)
+    assert files == sorted(p.relative_to(outs[1]) for p in outs[1].rglob("*.parquet"))
+    for f in files:
+        assert (outs[0] / f).read_bytes() == (outs[1] / f).read_bytes(), f

@@ -17,7 +17,7 @@ import numpy as np
 from apache_beam.metrics import Metrics
 
 from lmc_audit.transforms.block_coding import BlockCoder
-from lmc_audit.transforms.model_handler import DTYPE_NAMES, CausalLMHandler, LoadedModel, pick_device
+from lmc_audit.transforms.model_handler import CausalLMHandler, LoadedModel, pick_device
 from lmc_audit.transforms.model_loading import model_fingerprint, resolve_model_dir
 from lmc_audit.transforms.payloads import METHOD_STORED, Header, PayloadError, Recipe, crc32, unpack
 from lmc_audit.transforms.records import ScoredChunk
