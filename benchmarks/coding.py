@@ -36,11 +36,14 @@ PRECISION = 24
 
 
 def make_symbols(vocab: int, n: int, seed: int = 0):
+    """n symbols, each drawn from its own random distribution, quantized as the pipeline does."""
     g = torch.Generator().manual_seed(seed)
-    logits = torch.randn(n, vocab, generator=g) * 3.0
-    freqs = quantize(logits, PRECISION)
-    symbols = torch.multinomial(freqs.double(), 1, generator=g)[:, 0]
-    start, freq = pick(freqs, symbols)
+    parts = []
+    for s in range(0, n, 1000):  # slices keep the float64 temporaries small at large vocabularies
+        freqs = quantize(torch.randn(min(1000, n - s), vocab, generator=g) * 3.0, PRECISION)
+        symbols = torch.multinomial(freqs.double(), 1, generator=g)[:, 0]
+        parts.append((freqs, symbols, *pick(freqs, symbols)))
+    freqs, symbols, start, freq = (torch.cat(x) for x in zip(*parts))
     return freqs, symbols.numpy(), start.numpy(), freq.numpy()
 
 
@@ -65,7 +68,8 @@ def bench_host(vocab: int, n: int) -> dict:
     except ImportError:
         out["constriction"] = "not installed: pip install constriction"
         return out
-    probs = (freqs.double() / freqs.sum(-1, keepdim=True)).numpy()
+    probs = (freqs.double() / float(1 << PRECISION)).numpy()
+    del freqs
     model = constriction.stream.model.Categorical(perfect=False)
     sym32 = symbols.astype(np.int32)
     enc = constriction.stream.queue.RangeEncoder()
@@ -115,11 +119,11 @@ def bench_stage(rows: int = 16, block: int = 16) -> dict:
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--json", default=None)
-    p.add_argument("--blocks", type=int, nargs="+", default=[16])
+    p.add_argument("--shapes", nargs="+", default=["32x8", "16x16"], help="ROWSxBLOCK coding shapes to measure")
     args = p.parse_args(argv)
     result = {"machine": f"{platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}",
-              "host_coder": [bench_host(256, 200_000), bench_host(50257, 20_000)],
-              "coding_stage": [bench_stage(block=b) for b in args.blocks]}
+              "host_coder": [bench_host(256, 200_000), bench_host(50257, 5_000)],
+              "coding_stage": [bench_stage(*map(int, shape.split("x"))) for shape in args.shapes]}
     print(json.dumps(result, indent=2))
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=2) + "\n")

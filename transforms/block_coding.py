@@ -36,6 +36,7 @@ import torch
 
 from lmc_audit.transforms import range_coder
 from lmc_audit.transforms.quantize import lookup, pick, quantize
+from lmc_audit.transforms.tokenization import teacher_forcing
 
 LN2 = math.log(2.0)
 
@@ -77,13 +78,7 @@ class BlockCoder:
         self.pad_id = pad_id
 
     def _inputs(self, group_targets: list[np.ndarray], length: int) -> tuple[torch.Tensor, torch.Tensor]:
-        inputs = np.full((self.rows, length), self.pad_id, np.int64)
-        targets = np.full((self.rows, length), self.pad_id, np.int64)
-        inputs[:, 0] = self.start_id
-        for r, t in enumerate(group_targets):
-            n = len(t)
-            inputs[r, 1:n] = t[:-1]
-            targets[r, :n] = t
+        inputs, targets = teacher_forcing(group_targets, self.rows, length, self.start_id, self.pad_id)
         return torch.from_numpy(inputs).to(self.device), torch.from_numpy(targets).to(self.device)
 
     @torch.inference_mode()

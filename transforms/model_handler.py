@@ -41,6 +41,7 @@ from lmc_audit.transforms.block_coding import BlockCoder
 from lmc_audit.transforms.model_loading import resolve_model_dir
 from lmc_audit.transforms.payloads import METHOD_MODEL, Header, Recipe, crc32, pack
 from lmc_audit.transforms.records import ScoredChunk, TokenizedChunk
+from lmc_audit.transforms.tokenization import teacher_forcing
 
 NAMESPACE = "lmc_audit"
 LN2 = math.log(2.0)
@@ -182,13 +183,8 @@ class CausalLMHandler(ModelHandler[TokenizedChunk, ScoredChunk, LoadedModel]):
 
     @torch.inference_mode()
     def _score(self, group: list[TokenizedChunk], length: int, lm: LoadedModel) -> list[ScoredChunk]:
-        inputs = np.full((len(group), length), lm.pad_id, dtype=np.int64)
-        targets = np.full((len(group), length), lm.pad_id, dtype=np.int64)
-        for r, item in enumerate(group):
-            n = len(item.targets)
-            inputs[r, 0] = item.start_id
-            inputs[r, 1:n] = item.targets[:-1]
-            targets[r, :n] = item.targets
+        inputs, targets = teacher_forcing([item.targets for item in group], len(group), length,
+                                          group[0].start_id, lm.pad_id)
         logp = token_logprobs(lm.model, torch.from_numpy(inputs).to(lm.device),
                               torch.from_numpy(targets).to(lm.device)).cpu().numpy()
         out = []

@@ -149,18 +149,22 @@ def decoder_advance(data, ends, code, rng, pos, starts, freqs, precision, active
 
 
 @njit(cache=True)
-def decode_with_cdfs(data, cdfs, precision, symbols):
-    """Decodes len(symbols) symbols of one stream, symbol i under cdfs[i] (V+1 cumulative counts)."""
+def _one_decoder(data):
+    """State arrays of a single decoder over ``data``, for the one-stream helpers below."""
     offsets = np.zeros(1, np.int64)
     ends = np.full(1, data.shape[0], np.int64)
     code = np.zeros(1, np.uint64)
     rng = np.zeros(1, np.uint64)
     pos = np.zeros(1, np.int64)
     decoder_init(data, offsets, ends, code, rng, pos)
-    slots = np.zeros(1, np.int64)
-    st = np.zeros(1, np.int64)
-    fr = np.zeros(1, np.int64)
-    active = np.ones(1, np.bool_)
+    return ends, code, rng, pos, np.zeros(1, np.int64), np.zeros(1, np.int64), np.zeros(1, np.int64), \
+        np.ones(1, np.bool_)
+
+
+@njit(cache=True)
+def decode_with_cdfs(data, cdfs, precision, symbols):
+    """Decodes len(symbols) symbols of one stream, symbol i under cdfs[i] (V+1 cumulative counts)."""
+    ends, code, rng, pos, slots, st, fr, active = _one_decoder(data)
     for i in range(symbols.shape[0]):
         decoder_slots(code, rng, precision, slots)
         cdf = cdfs[i]
@@ -177,16 +181,7 @@ def decode_with_cdfs(data, cdfs, precision, symbols):
 def decode_known(data, starts, freqs, precision):
     """Range-decodes a stream whose symbols' (start, freq) are known, checking each slot; the host-side
     cost of decoding (the model finds the symbol from the slot). Returns the number of symbols that matched."""
-    offsets = np.zeros(1, np.int64)
-    ends = np.full(1, data.shape[0], np.int64)
-    code = np.zeros(1, np.uint64)
-    rng = np.zeros(1, np.uint64)
-    pos = np.zeros(1, np.int64)
-    decoder_init(data, offsets, ends, code, rng, pos)
-    slots = np.zeros(1, np.int64)
-    st = np.zeros(1, np.int64)
-    fr = np.zeros(1, np.int64)
-    active = np.ones(1, np.bool_)
+    ends, code, rng, pos, slots, st, fr, active = _one_decoder(data)
     for i in range(starts.shape[0]):
         decoder_slots(code, rng, precision, slots)
         if not (starts[i] <= slots[0] < starts[i] + freqs[i]):

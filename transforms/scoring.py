@@ -70,8 +70,13 @@ class ScoreChunks(beam.PTransform):
         self._coding = coding
         self._handler = CausalLMHandler(model_spec, device, dtype, trust_remote_code, max_batch_tokens, coding)
         self._tokenize = TokenizeChunksFn(model_spec, trust_remote_code, length_granularity)
-        self._max_batch_tokens = max_batch_tokens
-        self._max_batch_rows = max_batch_rows
+        if coding is None:
+            self._max_batch_tokens = max_batch_tokens
+            self._max_batch_rows = max_batch_rows
+        else:
+            # Coding forwards always have exactly coding.rows rows: hand the model whole groups.
+            self._max_batch_rows = coding.rows * max(1, max_batch_rows // coding.rows)
+            self._max_batch_tokens = self._max_batch_rows * (1 << 20)
 
     def expand(self, chunks):
         tokenized = chunks | "Tokenize" >> beam.ParDo(self._tokenize).with_outputs(FLAGGED, main="main")

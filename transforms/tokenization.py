@@ -13,6 +13,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 import apache_beam as beam
+import numpy as np
 
 from lmc_audit.transforms.model_loading import resolve_model_dir
 from lmc_audit.transforms.records import Chunk, ScoredChunk, TokenizedChunk
@@ -63,6 +64,18 @@ class ChunkTokenizer:
         if self.max_positions is not None and len(targets) > self.max_positions:
             return targets, (f"too_many_tokens: {len(targets)} tokens, the model has {self.max_positions} positions",)
         return targets, ()
+
+
+def teacher_forcing(targets: list, rows: int, length: int, start_id: int, pad_id: int):
+    """[rows, length] int64 inputs ([start] + targets[:-1], then padding) and padded targets, as NumPy."""
+    inputs = np.full((rows, length), pad_id, np.int64)
+    padded = np.full((rows, length), pad_id, np.int64)
+    inputs[:, 0] = start_id
+    for r, t in enumerate(targets):
+        n = len(t)
+        inputs[r, 1:n] = t[:-1]
+        padded[r, :n] = t
+    return inputs, padded
 
 
 def padded_length(n_tokens: int, granularity: int, max_positions: int | None) -> int:
