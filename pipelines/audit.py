@@ -24,14 +24,17 @@ from apache_beam.options.pipeline_options import PipelineOptions, SetupOptions
 from lmc_audit.transforms.chunking import DEFAULT_CHUNK_BYTES, ChunkDocuments
 from lmc_audit.transforms.listing import FORMATS, list_shards
 from lmc_audit.transforms.decoding import VerifyPayloads
+from lmc_audit.transforms.dedup import DedupOptions
+from lmc_audit.transforms.find_duplicates import FindDuplicates
 from lmc_audit.transforms.manifests import WriteManifests
 from lmc_audit.transforms.model_handler import CodingOptions
 from lmc_audit.transforms.model_loading import (BUNDLED, model_fingerprint, resolve_model_dir,
                                                 validate_model_spec)
 from lmc_audit.transforms.read_corpus import DEAD_LETTER, NAMESPACE, ReadCorpus
 from lmc_audit.transforms.scoring import ScoreChunks
+from lmc_audit.transforms.signals import SignalOptions
 
-MANIFEST_DIRS = ("chunks", "documents", "shards", "dead_letter", "payloads")
+MANIFEST_DIRS = ("chunks", "documents", "shards", "dead_letter", "payloads", "duplicates")
 PACKAGES = ("lmc-audit", "apache-beam", "torch", "transformers", "tokenizers", "safetensors",
             "pyarrow", "fsspec", "numpy", "zstandard")
 
@@ -86,8 +89,55 @@ def build_parser() -> argparse.ArgumentParser:
                    help="positions per coding forward; smaller decodes faster, larger encodes faster")
     c.add_argument("--verify-fraction", type=float, default=0.01,
                    help="fraction of chunks decoded again in the job to prove the payloads (a fixed sample)")
+    g = p.add_argument_group("memorization signals")
+    g.add_argument("--min-k", type=float, default=0.2,
+                   help="fraction of lowest-scoring tokens Min-K%% and Min-K%%++ average over (default 0.2)")
+    g.add_argument("--reference-model", default=None,
+                   help="a second model (same forms as --model) that scores the same chunks; "
+                        "adds reference_bits / reference_diff_bpb columns")
+    defaults = SignalOptions()
+    g.add_argument("--flag-bpb-below", type=float, default=defaults.bpb_below,
+                   help=f"flag documents under this many bits per byte (default {defaults.bpb_below})")
+    g.add_argument("--flag-zlib-ratio-below", type=float, default=defaults.zlib_ratio_below,
+                   help=f"flag documents whose model bits / zlib bits is under this (default {defaults.zlib_ratio_below})")
+    g.add_argument("--flag-min-k-above", type=float, default=defaults.min_k_above,
+                   help=f"flag documents whose Min-K%% (mean log p, nats) is above this (default {defaults.min_k_above})")
+    g.add_argument("--flag-min-k-pp-above", type=float, default=defaults.min_k_pp_above,
+                   help=f"flag documents whose Min-K%%++ is above this (default {defaults.min_k_pp_above})")
+    g.add_argument("--flag-reference-diff-below", type=float, default=defaults.reference_diff_below,
+                   help="flag documents whose bpb minus the reference model's bpb is under this "
+                        f"(default {defaults.reference_diff_below})")
+    d = p.add_argument_group("deduplication")
+    dd = DedupOptions()
+    d.add_argument("--no-dedup", dest="dedup", action="store_false", help="no duplicates manifest")
+    d.add_argument("--minhash-ngram", type=int, default=dd.ngram, help=f"words per n-gram (default {dd.ngram})")
+    d.add_argument("--minhash-bands", type=int, default=dd.bands, help=f"LSH bands (default {dd.bands})")
+    d.add_argument("--minhash-rows", type=int, default=dd.rows, help=f"hashes per band (default {dd.rows})")
+    d.add_argument("--minhash-seed", type=int, default=dd.seed, help=f"seed of the permutations (default {dd.seed})")
+    d.add_argument("--dedup-jaccard", type=float, default=dd.jaccard_threshold,
+                   help=f"a candidate pair with n-gram Jaccard at least this is a duplicate (default {dd.jaccard_threshold})")
+    d.add_argument("--dedup-ncd", type=float, default=dd.ncd_threshold,
+                   help=f"... or with the model's NCD of the documents' first --ncd-bytes at most this (default {dd.ncd_threshold})")
+    d.add_argument("--ncd-bytes", type=int, default=dd.ncd_bytes,
+                   help=f"NCD compares the documents' first this many bytes (default {dd.ncd_bytes})")
+    d.add_argument("--dedup-max-bucket", type=int, default=dd.max_bucket,
+                   help=f"documents paired per LSH bucket (default {dd.max_bucket})")
+    p.add_argument("--no-report", dest="report", action="store_false",
+                   help="do not write OUTPUT/report.html")
     p.add_argument("--quiet", action="store_true", help="no summary table at the end")
     return p
+
+
+def signal_options(args: argparse.Namespace) -> SignalOptions:
+    return SignalOptions(args.min_k, args.flag_bpb_below, args.flag_zlib_ratio_below, args.flag_min_k_above,
+                         args.flag_min_k_pp_above, args.flag_reference_diff_below)
+
+
+def dedup_options(args: argparse.Namespace) -> DedupOptions | None:
+    if not args.dedup:
+        return None
+    return DedupOptions(args.minhash_ngram, args.minhash_bands, args.minhash_rows, args.minhash_seed,
+                        args.dedup_jaccard, args.dedup_ncd, args.ncd_bytes, args.dedup_max_bucket)
 
 
 def validate(args: argparse.Namespace) -> None:
@@ -110,10 +160,14 @@ def validate(args: argparse.Namespace) -> None:
             raise SystemExit(f"lmc-audit: --{name.replace('_', '-')} must be at least 1")
     try:
         validate_model_spec(args.model)
+        if args.reference_model:
+            validate_model_spec(args.reference_model)
+        signal_options(args)
+        dedup_options(args)
     except (FileNotFoundError, ValueError) as exc:
         raise SystemExit(f"lmc-audit: {exc}") from None
     fs, root = fsspec.core.url_to_fs(args.output)
-    existing = [d for d in (*MANIFEST_DIRS, "run.json") if fs.exists(f"{root.rstrip('/')}/{d}")]
+    existing = [d for d in (*MANIFEST_DIRS, "run.json", "report.html") if fs.exists(f"{root.rstrip('/')}/{d}")]
     if existing and not args.overwrite:
         raise SystemExit(f"lmc-audit: {args.output} already holds manifests ({', '.join(existing)}); "
                          "pass --overwrite or choose another --output")
@@ -152,14 +206,19 @@ def run(argv: list[str] | None = None, test_pipeline: beam.Pipeline | None = Non
     dead_letters = (read[DEAD_LETTER], unlisted) | "AllDeadLetters" >> beam.Flatten()
     coding = (CodingOptions(fingerprint, args.precision, args.coding_rows, args.coding_block)
               if args.coding else None)
-    scored = (
-        read.main
-        | "ChunkDocuments" >> ChunkDocuments(args.chunk_bytes)
-        | "ScoreChunks" >> ScoreChunks(args.model, args.device, args.dtype, args.trust_remote_code,
-                                       args.max_batch_tokens, args.max_batch_rows, args.length_granularity,
-                                       coding)
-    )
-    _ = (scored, dead_letters) | "WriteManifests" >> WriteManifests(args.output)
+    def scorer(model: str, coding_options: CodingOptions | None) -> ScoreChunks:
+        return ScoreChunks(model, args.device, args.dtype, args.trust_remote_code, args.max_batch_tokens,
+                           args.max_batch_rows, args.length_granularity, coding_options)
+
+    chunks = read.main | "ChunkDocuments" >> ChunkDocuments(args.chunk_bytes)
+    scored = chunks | "ScoreChunks" >> scorer(args.model, coding)
+    manifest_inputs = [scored, dead_letters]
+    if args.reference_model:
+        manifest_inputs.append(chunks | "ScoreReference" >> scorer(args.reference_model, None))
+    dedup = dedup_options(args)
+    find_duplicates = FindDuplicates(dedup, scorer(args.model, None)) if dedup else None
+    _ = tuple(manifest_inputs) | "WriteManifests" >> WriteManifests(args.output, signal_options(args),
+                                                                   find_duplicates, dedup)
     if args.coding and args.verify_fraction > 0:
         _ = scored | "VerifyPayloads" >> VerifyPayloads(args.model, args.verify_fraction, args.device,
                                                          args.trust_remote_code, args.coding_rows)
@@ -167,6 +226,10 @@ def run(argv: list[str] | None = None, test_pipeline: beam.Pipeline | None = Non
     result.wait_until_finish()
     record = write_run_record(args, beam_args, result, fingerprint, model_dir, len(listing_errors),
                               time.time() - started)
+    if args.report:
+        from lmc_audit.pipelines.report import write_report
+
+        write_report(args.output, f"{args.output.rstrip('/')}/report.html")
     if not args.quiet:
         from lmc_audit.pipelines.summary import print_summary
 

@@ -2,6 +2,7 @@
 
     lmc-audit run --input ... --output ...          audit a corpus (see ``lmc-audit run --help``)
     lmc-audit decode --payloads ... --output ...    payloads back to documents
+    lmc-audit report --manifests ... --output ...   one self-contained HTML report
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import sys
 COMMANDS = {
     "run": "audit a corpus: read, chunk, score, code, write Parquet manifests",
     "decode": "rebuild documents bit-exactly from the payloads of a run",
+    "report": "render a run's manifests as one self-contained HTML file",
 }
 
 
@@ -33,6 +35,10 @@ def main(argv: list[str] | None = None) -> int:
         from lmc_audit.pipelines.decode import run as decode
 
         return decode(rest)
+    if command == "report":
+        from lmc_audit.pipelines.report import main as report
+
+        return report(rest)
     print(f"lmc-audit: unknown command {command!r}; commands: {', '.join(COMMANDS)}", file=sys.stderr)
     return 2
 

@@ -78,3 +78,40 @@ def write_jsonl(path: Path, records: list, opener=open) -> Path:
 @pytest.fixture
 def gz_writer():
     return gzip.open
+
+
+MEMORIZED = (
+    "Article 7. The keeper of the lighthouse shall log every passing vessel, its flag, its heading and the "
+    "hour, in ink, in the bound register kept for that purpose, and shall sign each page at midnight.\n"
+).encode() * 3
+UNSEEN = (
+    "Quarterly figures for the cooperative bakery: rye loaves up nine percent, croissants flat, and the new "
+    "sourdough starter still refuses to rise on cold mornings, so the night shift keeps it by the oven.\n"
+).encode() * 3
+
+
+@pytest.fixture(scope="session")
+def memorizing_model(tmp_path_factory) -> str:
+    """A tiny byte model trained on MEMORIZED only, many times over: it has memorized that text."""
+    import torch
+
+    from lmc_audit.pipelines.default_model.train import BOS_ID, build_model
+
+    torch.manual_seed(0)
+    model = build_model(hidden=64, layers=2, heads=2, ffn=128, max_positions=1024)
+    # The text as the audit sees it at --chunk-bytes 256: each chunk scored from BOS.
+    pieces = [[BOS_ID] + list(MEMORIZED[i:i + 256]) for i in range(0, len(MEMORIZED), 256)]
+    width = max(map(len, pieces))
+    data = torch.tensor([p + [BOS_ID] * (width - len(p)) for p in pieces], dtype=torch.long)
+    labels = torch.tensor([p + [-100] * (width - len(p)) for p in pieces], dtype=torch.long)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    model.train()
+    for _ in range(300):
+        loss = model(input_ids=data, labels=labels).loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    model.eval()
+    path = tmp_path_factory.mktemp("memorizing_model")
+    model.save_pretrained(path)
+    return str(path)

@@ -36,6 +36,7 @@ import torch
 
 from lmc_audit.transforms import range_coder
 from lmc_audit.transforms.quantize import lookup, pick, quantize
+from lmc_audit.transforms.signals import token_stats
 from lmc_audit.transforms.tokenization import teacher_forcing
 
 LN2 = math.log(2.0)
@@ -45,6 +46,8 @@ LN2 = math.log(2.0)
 class Encoded:
     bits: float  # ideal: -sum log2 p under the coding logits
     stream: bytes
+    logp: np.ndarray  # [n] log p(target), nats
+    zscores: np.ndarray  # [n] Min-K%++ z
 
 
 def _new_cache(model, length: int):
@@ -93,10 +96,11 @@ class BlockCoder:
         starts = torch.empty((self.rows, length), dtype=torch.int64, device=self.device)
         freqs = torch.empty_like(starts)
         logp = torch.empty((self.rows, length), dtype=torch.float32, device=self.device)
+        zscores = torch.empty_like(logp)
         for s in range(0, length, self.block):
             logits = _block_logits(self.model, cache, inputs[:, s:s + self.block], s).float()
             tgt = targets[:, s:s + self.block]
-            logp[:, s:s + self.block] = logits.gather(-1, tgt[..., None])[..., 0] - torch.logsumexp(logits, -1)
+            logp[:, s:s + self.block], zscores[:, s:s + self.block] = token_stats(logits, tgt)
             # Slices of 16 positions bound the [R, 16, V] int64 table for large vocabularies.
             for q in range(0, self.block, 16):
                 e = min(q + 16, self.block)
@@ -105,8 +109,10 @@ class BlockCoder:
                 freqs[:, s + q:s + e] = fr
         counts = np.array([len(t) for t in group_targets] + [0] * (self.rows - len(group_targets)), np.int64)
         starts_h, freqs_h, logp_h = starts.cpu().numpy(), freqs.cpu().numpy(), logp.cpu().numpy()
+        z_h = zscores.cpu().numpy()
         streams = range_coder.encode_rows(starts_h, freqs_h, counts, self.precision)
-        return [Encoded(float(-np.sum(logp_h[r, :counts[r]], dtype=np.float64) / LN2), streams[r])
+        return [Encoded(float(-np.sum(logp_h[r, :counts[r]], dtype=np.float64) / LN2), streams[r],
+                        logp_h[r, :counts[r]].copy(), z_h[r, :counts[r]].copy())
                 for r in range(len(group_targets))]
 
     @torch.inference_mode()

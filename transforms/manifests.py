@@ -12,7 +12,6 @@ so a reader never sees half a file; a retried write produces the same bytes.
 from __future__ import annotations
 
 import hashlib
-import statistics
 from collections.abc import Iterable, Iterator
 
 import apache_beam as beam
@@ -20,8 +19,16 @@ import fsspec
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from lmc_audit.transforms import payloads, schemas
+import numpy as np
+
+from lmc_audit.transforms import dedup, payloads, schemas, signals
+from lmc_audit.transforms.dedup import DedupOptions
 from lmc_audit.transforms.records import DeadLetter, ScoredChunk
+from lmc_audit.transforms.signals import SignalOptions
+
+SKETCHES = "sketches"
+SNIPPET_CHARS = 200
+QUANTILES = (("p05", 0.05), ("p25", 0.25), ("median", 0.5), ("p75", 0.75), ("p95", 0.95))
 
 
 def part_name(index: int) -> str:
@@ -51,19 +58,45 @@ def _ratio(numerator: float | None, denominator: float) -> float | None:
     return numerator / denominator
 
 
-def chunk_row(s: ScoredChunk) -> dict:
+def chunk_row(s: ScoredChunk, k: float = 0.2, reference_bits: float | None = None) -> dict:
     c = s.chunk
     n = len(c.data)
     return {
         "doc_id": c.doc_id, "shard": c.shard, "chunk_index": c.chunk_index, "offset": c.offset,
         "bytes": n, "tokens": s.tokens, "bits": s.bits, "bpb": _ratio(s.bits, n), "coded_bits": s.coded_bits,
         "zlib_bits": 8 * c.zlib_bytes, "zstd_bits": 8 * c.zstd_bytes, "xz_bits": 8 * c.xz_bytes,
+        "min_k": signals.min_k_mean(signals.unpack(s.logp), k),
+        "min_k_pp": signals.min_k_mean(signals.unpack(s.zscores), k),
+        "reference_bits": reference_bits,
         "padded_length": s.padded_length, "sha256": c.sha256, "flags": list(s.flags),
     }
 
 
-def document_row(chunks: list[ScoredChunk]) -> dict:
-    """One document from its chunks, given in chunk order."""
+def _signal_columns(chunks: list[ScoredChunk], scored: list[ScoredChunk], bits: float | None,
+                    scored_bytes: int, references: list[float | None] | None, options: SignalOptions) -> dict:
+    zlib_scored = 8 * sum(s.chunk.zlib_bytes for s in scored)
+    logp = np.concatenate([signals.unpack(s.logp) for s in scored]) if scored else np.zeros(0, "<f4")
+    z = np.concatenate([signals.unpack(s.zscores) for s in scored]) if scored else np.zeros(0, "<f4")
+    ref_bits = ref_bpb = diff = None
+    if references is not None and scored and all(r is not None for r in references):
+        ref_bits = 0.0
+        for r in references:
+            ref_bits += r
+        ref_bpb = _ratio(ref_bits, sum(len(s.chunk.data) for s in chunks))
+        # Both over all of the document's bytes: only when every chunk was scored by both models.
+        if len(scored) == len(chunks):
+            diff = _ratio(bits, scored_bytes) - ref_bpb
+    return {
+        "zlib_ratio": _ratio(bits, zlib_scored),
+        "min_k": signals.min_k_mean(logp, options.k),
+        "min_k_pp": signals.min_k_mean(z, options.k),
+        "reference_bits": ref_bits, "reference_bpb": ref_bpb, "reference_diff_bpb": diff,
+    }
+
+
+def document_row(chunks: list[ScoredChunk], options: SignalOptions = SignalOptions(),
+                 references: list[float | None] | None = None) -> dict:
+    """One document from its chunks, given in chunk order (``references``: the reference model's bits)."""
     first = chunks[0].chunk
     n_bytes = sum(len(s.chunk.data) for s in chunks)
     scored = [s for s in chunks if s.bits is not None]
@@ -75,7 +108,7 @@ def document_row(chunks: list[ScoredChunk]) -> dict:
     scored_bytes = sum(len(s.chunk.data) for s in scored)
     content = hashlib.sha256(b"".join(s.chunk.sha256 for s in chunks)).hexdigest()
     coded = None if any(s.coded_bits is None for s in chunks) else sum(s.coded_bits for s in chunks)
-    return {
+    row = {
         "doc_id": first.doc_id, "shard": first.shard, "position": first.position,
         "bytes": n_bytes, "chunks": len(chunks), "tokens": sum(s.tokens for s in chunks),
         "scored_bytes": scored_bytes, "flagged_chunks": len(chunks) - len(scored),
@@ -84,8 +117,23 @@ def document_row(chunks: list[ScoredChunk]) -> dict:
         "zlib_bpb": 8 * sum(s.chunk.zlib_bytes for s in chunks) / n_bytes,
         "zstd_bpb": 8 * sum(s.chunk.zstd_bytes for s in chunks) / n_bytes,
         "xz_bpb": 8 * sum(s.chunk.xz_bytes for s in chunks) / n_bytes,
+        **_signal_columns(chunks, scored, bits, scored_bytes, references, options),
         "content_hash": content,
+        "normalized_hash": dedup.normalized_hash(b"".join(s.chunk.data for s in chunks)),
+        "snippet": snippet(first.data),
     }
+    row["memorization_flags"] = options.flags(row)
+    return row
+
+
+def snippet(data: bytes, chars: int = SNIPPET_CHARS) -> str:
+    """The document's first characters, whitespace collapsed, for reports."""
+    return " ".join(data[:4 * chars].decode("utf-8", errors="replace").split())[:chars]
+
+
+def quantile(values: list[float], q: float) -> float:
+    """Linear interpolation between order statistics (numpy's default)."""
+    return float(np.quantile(np.asarray(values, np.float64), q))
 
 
 def shard_row(shard: str, docs: list[dict], dead_letters: int) -> dict:
@@ -108,8 +156,12 @@ def shard_row(shard: str, docs: list[dict], dead_letters: int) -> dict:
         "coded_bits": coded, "coded_bpb": _ratio(coded, n_bytes),
         "zlib_bpb": weighted("zlib_bpb"), "zstd_bpb": weighted("zstd_bpb"), "xz_bpb": weighted("xz_bpb"),
         "min_doc_bpb": doc_bpb[0] if doc_bpb else None,
-        "median_doc_bpb": statistics.median(doc_bpb) if doc_bpb else None,
+        **{f"{name}_doc_bpb": quantile(doc_bpb, q) if doc_bpb else None for name, q in QUANTILES},
         "max_doc_bpb": doc_bpb[-1] if doc_bpb else None,
+        **{f"flagged_{name}": sum(name in d["memorization_flags"] for d in docs) for name in signals.SIGNALS},
+        "flagged_documents": sum(bool(d["memorization_flags"]) for d in docs),
+        # Filled in once duplicates are known (WriteShardsTable).
+        "exact_duplicates": 0, "near_duplicates": 0, "exact_duplicate_rate": None, "near_duplicate_rate": None,
     }
 
 
@@ -125,26 +177,45 @@ def dead_letter_row(d: DeadLetter) -> dict:
 
 
 class WriteShardManifests(beam.DoFn):
-    """Writes the chunk, document and dead-letter files of one shard; yields its shard row."""
+    """Writes the chunk, document and dead-letter files of one shard; yields its shard row.
 
-    def __init__(self, output: str):
+    Each whole document is at hand here, so its dedup sketch is made here too
+    (tagged output ``sketches``).
+    """
+
+    def __init__(self, output: str, signal_options: SignalOptions, dedup_options: DedupOptions | None):
         self._output = output
+        self._signals = signal_options
+        self._dedup = dedup_options
+
+    def setup(self) -> None:
+        self._hasher = dedup.MinHasher(self._dedup.num_perm, self._dedup.seed) if self._dedup else None
 
     def process(self, element) -> Iterator[dict]:
         index, grouped = element
         chunks: list[ScoredChunk] = sorted(
             grouped["chunks"], key=lambda s: (s.chunk.position, s.chunk.doc_id, s.chunk.chunk_index))
         dead = sorted(grouped["dead_letter"], key=lambda d: (d.position, d.doc_id or "", d.reason))
+        has_reference = "reference" in grouped
+        references = {(r[0], r[1], r[2]): r[3] for r in grouped.get("reference", ())}
+        ref_of = [references.get((s.chunk.position, s.chunk.doc_id, s.chunk.chunk_index)) for s in chunks]
         docs: list[dict] = []
         start = 0
         for i in range(1, len(chunks) + 1):
             if i == len(chunks) or (chunks[i].chunk.position, chunks[i].chunk.doc_id) != (
                     chunks[start].chunk.position, chunks[start].chunk.doc_id):
-                docs.append(document_row(chunks[start:i]))
+                doc_chunks = chunks[start:i]
+                docs.append(document_row(doc_chunks, self._signals, ref_of[start:i] if has_reference else None))
+                if self._hasher is not None:
+                    first = doc_chunks[0].chunk
+                    yield beam.pvalue.TaggedOutput(SKETCHES, dedup.make_sketch(
+                        (index, first.position, first.doc_id), first.shard,
+                        b"".join(s.chunk.data for s in doc_chunks), self._dedup, self._hasher))
                 start = i
         name = part_name(index)
         if chunks:
-            write_table(self._output, "chunks", name, [chunk_row(s) for s in chunks], schemas.CHUNKS)
+            rows = [chunk_row(s, self._signals.k, r) for s, r in zip(chunks, ref_of)]
+            write_table(self._output, "chunks", name, rows, schemas.CHUNKS)
             write_table(self._output, "documents", name, docs, schemas.DOCUMENTS)
             coded = [s for s in chunks if s.payload is not None]
             if coded:
@@ -162,8 +233,17 @@ class WriteShardsTable(beam.DoFn):
     def __init__(self, output: str):
         self._output = output
 
-    def process(self, rows: Iterable[dict]) -> Iterator[dict]:
+    def process(self, rows: Iterable[dict], duplicate_rows: list[list[dict]]) -> Iterator[dict]:
         rows = sorted(rows, key=lambda r: r["shard"])
+        counts: dict[str, list[int]] = {}
+        for d in (duplicate_rows[0] if duplicate_rows else []):
+            c = counts.setdefault(d["shard"], [0, 0])
+            c[0] += d["reason"] == "exact"
+            c[1] += d["reason"] == "near"
+        for r in rows:
+            exact, near = counts.get(r["shard"], (0, 0))
+            r.update(exact_duplicates=exact, near_duplicates=near,
+                     exact_duplicate_rate=_ratio(exact, r["documents"]), near_duplicate_rate=_ratio(near, r["documents"]))
         write_table(self._output, "shards", part_name(0), rows, schemas.SHARDS)
         # Every manifest folder holds at least one file, so readers never fail on it.
         if not any(r["documents"] for r in rows):
@@ -174,29 +254,65 @@ class WriteShardsTable(beam.DoFn):
         yield {"shards": len(rows)}
 
 
+class WriteDuplicates(beam.DoFn):
+    def __init__(self, output: str):
+        self._output = output
+
+    def process(self, rows: list[dict]) -> Iterator[list[dict]]:
+        write_table(self._output, "duplicates", part_name(0), rows, schemas.DUPLICATES)
+        yield rows
+
+
 def _by_shard_index(item):
     if isinstance(item, ScoredChunk):
         return item.chunk.shard_index, item
     return item.shard_index, item
 
 
-class WriteManifests(beam.PTransform):
-    """Scored chunks and dead letters in; manifests under ``output``."""
+def _reference_by_shard(s: ScoredChunk):
+    c = s.chunk
+    return c.shard_index, (c.position, c.doc_id, c.chunk_index, s.bits)
 
-    def __init__(self, output: str):
+
+class WriteManifests(beam.PTransform):
+    """Scored chunks and dead letters in (and the reference model's scored chunks); manifests under ``output``.
+
+    ``find_duplicates`` (a ``FindDuplicates``) turns the documents' sketches
+    into the ``duplicates/`` manifest; without it no dedup runs.
+    """
+
+    def __init__(self, output: str, signal_options: SignalOptions = SignalOptions(),
+                 find_duplicates: beam.PTransform | None = None, dedup_options: DedupOptions | None = None):
         super().__init__()
         if not output:
             raise ValueError("output must be a directory path or fsspec URL")
+        if (find_duplicates is None) != (dedup_options is None):
+            raise ValueError("pass find_duplicates and dedup_options together")
         self._output = output
+        self._signals = signal_options
+        self._find_duplicates = find_duplicates
+        self._dedup = dedup_options
 
     def expand(self, inputs):
-        chunks, dead_letters = inputs
-        keyed_chunks = chunks | "KeyChunks" >> beam.Map(_by_shard_index)
-        keyed_dead = dead_letters | "KeyDeadLetters" >> beam.Map(_by_shard_index)
-        return (
-            {"chunks": keyed_chunks, "dead_letter": keyed_dead}
+        chunks, dead_letters, *reference = inputs
+        grouped = {"chunks": chunks | "KeyChunks" >> beam.Map(_by_shard_index),
+                   "dead_letter": dead_letters | "KeyDeadLetters" >> beam.Map(_by_shard_index)}
+        if reference:
+            grouped["reference"] = reference[0] | "KeyReference" >> beam.Map(_reference_by_shard)
+        written = (
+            grouped
             | "GroupByShard" >> beam.CoGroupByKey()
-            | "WriteShardFiles" >> beam.ParDo(WriteShardManifests(self._output))
+            | "WriteShardFiles" >> beam.ParDo(WriteShardManifests(self._output, self._signals, self._dedup))
+            .with_outputs(SKETCHES, main="shards")
+        )
+        if self._find_duplicates is not None:
+            duplicates = (written[SKETCHES]
+                          | "FindDuplicates" >> self._find_duplicates
+                          | "WriteDuplicates" >> beam.ParDo(WriteDuplicates(self._output)))
+        else:
+            duplicates = written.shards.pipeline | "NoDuplicates" >> beam.Create([])
+        return (
+            written.shards
             | "CollectShardRows" >> beam.combiners.ToList()
-            | "WriteShardsTable" >> beam.ParDo(WriteShardsTable(self._output))
+            | "WriteShardsTable" >> beam.ParDo(WriteShardsTable(self._output), beam.pvalue.AsList(duplicates))
         )

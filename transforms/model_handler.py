@@ -41,6 +41,7 @@ from lmc_audit.transforms.block_coding import BlockCoder
 from lmc_audit.transforms.model_loading import resolve_model_dir
 from lmc_audit.transforms.payloads import METHOD_MODEL, Header, Recipe, crc32, pack
 from lmc_audit.transforms.records import ScoredChunk, TokenizedChunk
+from lmc_audit.transforms import signals
 from lmc_audit.transforms.tokenization import teacher_forcing
 
 NAMESPACE = "lmc_audit"
@@ -99,6 +100,12 @@ def token_logprobs(model, inputs: torch.Tensor, targets: torch.Tensor) -> torch.
     logits = logits.float()
     picked = logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1)  # [rows, L]
     return picked - torch.logsumexp(logits, dim=-1)
+
+
+def token_scores(model, inputs: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """[rows, L] log p(target) and [rows, L] Min-K%++ z, both computed on the model's device."""
+    logits = model(input_ids=inputs, use_cache=False).logits  # [rows, L, V]
+    return signals.token_stats(logits, targets)
 
 
 class CausalLMHandler(ModelHandler[TokenizedChunk, ScoredChunk, LoadedModel]):
@@ -174,7 +181,8 @@ class CausalLMHandler(ModelHandler[TokenizedChunk, ScoredChunk, LoadedModel]):
             header = Header(METHOD_MODEL, c.precision, recipe.dtype, recipe.device, c.rows, length, c.block,
                             len(data), len(item.targets), crc32(data), fingerprint, recipe.environment_hash())
             out.append(ScoredChunk(item.chunk, len(item.targets), e.bits, length, (),
-                                   pack(header, e.stream), 8 * len(e.stream), recipe_text))
+                                   pack(header, e.stream), 8 * len(e.stream), recipe_text,
+                                   signals.pack(e.logp), signals.pack(e.zscores)))
         real = sum(len(item.targets) for item in group)
         self._real.inc(real)
         self._padded.inc(c.rows * length - real)
@@ -185,8 +193,9 @@ class CausalLMHandler(ModelHandler[TokenizedChunk, ScoredChunk, LoadedModel]):
     def _score(self, group: list[TokenizedChunk], length: int, lm: LoadedModel) -> list[ScoredChunk]:
         inputs, targets = teacher_forcing([item.targets for item in group], len(group), length,
                                           group[0].start_id, lm.pad_id)
-        logp = token_logprobs(lm.model, torch.from_numpy(inputs).to(lm.device),
-                              torch.from_numpy(targets).to(lm.device)).cpu().numpy()
+        logp_d, z_d = token_scores(lm.model, torch.from_numpy(inputs).to(lm.device),
+                                   torch.from_numpy(targets).to(lm.device))
+        logp, z = logp_d.cpu().numpy(), z_d.cpu().numpy()
         out = []
         real = 0
         for r, item in enumerate(group):
@@ -194,7 +203,8 @@ class CausalLMHandler(ModelHandler[TokenizedChunk, ScoredChunk, LoadedModel]):
             real += n
             # float64 sum in a fixed order: the same bits on every run.
             bits = float(-np.sum(logp[r, :n], dtype=np.float64) / LN2)
-            out.append(ScoredChunk(item.chunk, n, bits, length))
+            out.append(ScoredChunk(item.chunk, n, bits, length, logp=signals.pack(logp[r, :n]),
+                                   zscores=signals.pack(z[r, :n])))
         self._real.inc(real)
         self._padded.inc(len(group) * length - real)
         self._rows.update(len(group))

@@ -77,6 +77,8 @@ class ScoredChunk:
     payload: bytes | None = None  # header + bitstream; None when coding is off
     coded_bits: int | None = None  # bits of the bitstream alone
     recipe: str | None = None  # the coding recipe as JSON (what the payload needs to decode)
+    logp: bytes | None = None  # float32 log p(target) per token (nats); None when flagged
+    zscores: bytes | None = None  # float32 Min-K%++ z per token
 
 
 @dataclass(frozen=True)

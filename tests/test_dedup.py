@@ -1,0 +1,154 @@
+"""Exact and near-duplicate detection: the pieces, and the whole pipeline on planted duplicates."""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+import numpy as np
+import pyarrow.dataset as ds
+import pytest
+
+from lmc_audit.pipelines.audit import bundled_sample_dir, run
+from lmc_audit.transforms import dedup
+from lmc_audit.transforms.dedup import DedupOptions, Edge
+
+
+def test_normalized_hash_ignores_case_width_and_whitespace():
+    a = dedup.normalized_hash("Hello,\tWorld!\n\n  Second line ".encode())
+    assert a == dedup.normalized_hash("hello, world! second line".encode())
+    assert a == dedup.normalized_hash("ＨＥＬＬＯ, world!\r\nsecond   line".encode())  # NFKC full-width
+    assert a != dedup.normalized_hash(b"hello, world! second lines")
+
+
+def test_minhash_signature_equals_datasketch():
+    import datasketch
+
+    text = dedup.normalize_text(b"the cat sat on the mat while the dog slept by the warm fire all night long")
+    shingles = dedup.shingle_hashes(text, 5)
+    ours = dedup.MinHasher(112, seed=1).signature(shingles)
+    theirs = datasketch.MinHash(num_perm=112, seed=1, scheme="legacy")
+    words = text.split()
+    for i in range(len(words) - 4):
+        theirs.update(" ".join(words[i:i + 5]).encode())
+    assert np.array_equal(ours, theirs.hashvalues.astype(np.uint32))
+
+
+def test_jaccard_and_ncd():
+    opts = DedupOptions()
+    hasher = dedup.MinHasher(opts.num_perm)
+    words = [f"w{i}" for i in range(40)]
+    a = dedup.make_sketch((0, 0, "a"), "s", " ".join(words).encode(), opts, hasher)
+    b = dedup.make_sketch((0, 1, "b"), "s", " ".join(words[:30] + ["x"] * 10).encode(), opts, hasher)
+    # a: 36 distinct 5-grams; b: 26 shared + 4 that run into the x's + one "x x x x x".
+    assert dedup.jaccard(a, b) == pytest.approx(26 / (36 + 31 - 26))
+    assert dedup.jaccard(a, a) == 1.0
+    assert dedup.ncd(100.0, 100.0, 105.0) == pytest.approx(0.05)
+    assert dedup.ncd(100.0, 50.0, 150.0) == pytest.approx(1.0)
+    assert dedup.ncd(None, 1.0, 1.0) is None
+
+
+def test_clusters_keep_the_first_document_in_input_order():
+    info = ("s", "h")
+    edges = [Edge((1, 0, "c"), (0, 5, "b"), 0.8, 0.1, ("t", "h2"), ("s", "h1")),
+             Edge((0, 5, "b"), (0, 2, "a"), 0.9, None, ("s", "h1"), ("s", "h1")),
+             Edge((2, 0, "x"), (2, 1, "y"), 0.75, 0.2, info, ("s", "hy"))]
+    rows = {r["doc_id"]: r for r in dedup.duplicate_rows(edges)}
+    assert {k: (r["cluster_id"], r["keep"], r["kept_doc_id"]) for k, r in rows.items()} == {
+        "a": (0, True, "a"), "b": (0, False, "a"), "c": (0, False, "a"),
+        "x": (1, True, "x"), "y": (1, False, "x")}
+    assert rows["b"]["reason"] == "exact" and rows["c"]["reason"] == "near"
+    assert rows["c"]["matched_doc_id"] == "b" and rows["c"]["jaccard"] == 0.8 and rows["c"]["ncd"] == 0.1
+    assert rows["b"]["cluster_size"] == 3
+    assert dedup.duplicate_rows(list(reversed(edges))) == dedup.duplicate_rows(edges)
+    assert dedup.duplicate_rows([]) == []
+
+
+def test_star_pairs_are_linear_and_capped():
+    members = [(0, i, f"d{i}") for i in range(5)] * 2
+    assert list(dedup.star_pairs(members, 100)) == [((0, 0, "d0"), (0, i, f"d{i}")) for i in range(1, 5)]
+    assert len(list(dedup.star_pairs(members, 3))) == 2
+
+
+def _texts() -> list[str]:
+    files = sorted(Path(bundled_sample_dir()).glob("*.txt"))
+    return [f.read_text()[:3000] for f in files[:6]]
+
+
+def _edit_words(text: str, n: int, rng: random.Random) -> str:
+    words = text.split(" ")
+    for i in rng.sample(range(len(words)), n):
+        words[i] = "EDITED"
+    return " ".join(words)
+
+
+def _bundled_bits(data: bytes) -> float:
+    import math
+
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from lmc_audit.transforms.model_loading import resolve_model_dir
+
+    model = AutoModelForCausalLM.from_pretrained(resolve_model_dir("bundled")).eval()
+    ids = torch.tensor([[256, *data]])
+    with torch.no_grad():
+        logp = torch.log_softmax(model(input_ids=ids[:, :-1]).logits.float(), -1)
+    return -logp.gather(-1, ids[:, 1:, None]).double().sum().item() / math.log(2)
+
+
+def planted_docs() -> list[dict]:
+    """Six unrelated documents, and copies of three of them: whitespace-changed, word-edited, reflowed."""
+    rng = random.Random(0)
+    texts = _texts()
+    docs = [{"id": f"orig{i}", "text": t} for i, t in enumerate(texts)]
+    docs.append({"id": "ws0", "text": "  ".join(texts[0].split()).upper()})  # exact after normalization
+    docs.append({"id": "edit1", "text": _edit_words(texts[1], 4, rng)})
+    docs.append({"id": "reflow2", "text": texts[2].replace("\n", " ").replace(". ", ".\n")})
+    return docs
+
+
+@pytest.fixture(scope="module")
+def planted(tmp_path_factory):
+    docs = planted_docs()
+    corpus = tmp_path_factory.mktemp("planted")
+    # Copies in a second shard, listed after the first: the originals are kept.
+    (corpus / "a.jsonl").write_text("".join(json.dumps(d) + "\n" for d in docs[:6]))
+    (corpus / "b.jsonl").write_text("".join(json.dumps(d) + "\n" for d in docs[6:]))
+    out = tmp_path_factory.mktemp("planted_out")
+    record = run(["--input", str(corpus), "--output", str(out), "--id-field", "id", "--quiet", "--no-coding"])
+    rows = ds.dataset(out / "duplicates", format="parquet").to_table().to_pylist()
+    return out, record, {r["doc_id"]: r for r in rows}
+
+
+def test_pipeline_finds_planted_duplicates_and_keeps_unrelated_apart(planted):
+    out, record, rows = planted
+    assert set(rows) == {"orig0", "ws0", "orig1", "edit1", "orig2", "reflow2"}
+    for orig, copy in (("orig0", "ws0"), ("orig1", "edit1"), ("orig2", "reflow2")):
+        assert rows[orig]["keep"] and not rows[copy]["keep"]
+        assert rows[copy]["kept_doc_id"] == orig and rows[copy]["matched_doc_id"] == orig
+        assert rows[orig]["cluster_id"] == rows[copy]["cluster_id"] and rows[copy]["cluster_size"] == 2
+    # Reflowed lines are the same text once whitespace is normalized.
+    assert rows["ws0"]["reason"] == rows["reflow2"]["reason"] == "exact" and rows["edit1"]["reason"] == "near"
+    assert rows["edit1"]["jaccard"] > 0.7
+    # NCD is the definition applied to the model's bits of the first 1024 bytes, each scored from BOS.
+    texts = {d["id"]: d["text"].encode() for d in planted_docs()}
+    for orig, copy in (("orig0", "ws0"), ("orig1", "edit1")):
+        x, y = texts[orig][:1024], texts[copy][:1024]
+        cx, cy, cxy = _bundled_bits(x), _bundled_bits(y), _bundled_bits(x + y)
+        assert rows[copy]["ncd"] == pytest.approx((cxy - min(cx, cy)) / max(cx, cy), rel=1e-4)
+    shards = {Path(s["shard"]).name: s for s in ds.dataset(out / "shards", format="parquet").to_table().to_pylist()}
+    assert (shards["b.jsonl"]["exact_duplicates"], shards["b.jsonl"]["near_duplicates"]) == (2, 1)
+    assert shards["b.jsonl"]["near_duplicate_rate"] == pytest.approx(1 / 3)
+    assert shards["a.jsonl"]["exact_duplicates"] == shards["a.jsonl"]["near_duplicates"] == 0
+    docs = ds.dataset(out / "documents", format="parquet").to_table().to_pylist()
+    hashes = {d["doc_id"]: d["normalized_hash"] for d in docs}
+    assert hashes["orig0"] == hashes["ws0"] and len(set(hashes.values())) == 8
+
+
+def test_dedup_options_are_checked_when_the_job_is_built(tmp_path):
+    with pytest.raises(SystemExit, match="jaccard_threshold"):
+        run(["--sample", "--output", str(tmp_path / "o"), "--dedup-jaccard", "1.5"])
+    with pytest.raises(ValueError, match="at least 1"):
+        DedupOptions(bands=0)

@@ -1,0 +1,228 @@
+"""``FindDuplicates``: exact and near-duplicate documents as Beam transforms.
+
+Chain (README, "Duplicates"):
+
+1. ``DocSketch`` per document (made where a shard's manifests are written,
+   which holds each whole document): a normalized-content hash, the sorted set
+   of word n-gram hashes, a MinHash signature, the first chunk and its bits.
+2. Exact: GroupByKey on the normalized hash.
+3. Near: one key per LSH band (``bands`` x ``rows`` hashes), GroupByKey; in a
+   bucket every member is paired with the bucket's first member (a star, as
+   datatrove does: n-1 pairs, not n^2).
+4. Candidate pairs are joined to both sketches (two CoGroupByKeys) and
+   verified: true Jaccard of the n-gram sets, and the model's normalized
+   compression distance on the documents' first ``ncd_bytes`` bytes,
+   ``NCD = (C(xy) - min(C(x), C(y))) / max(C(x), C(y))`` with C the bits under
+   the model: x, y and xy are each scored as one chunk through ``ScoreChunks``
+   (half a chunk each by default, so xy fits the context the model is used
+   with).
+5. Verified edges go to one worker for union-find (connected components), as
+   datatrove's cluster stage does; edges are small (two ids and two floats).
+
+MinHash is written here rather than taken from datasketch: the signature must
+be a pure function of the text for byte-identical manifests, vectorized over a
+document's n-grams, and carried as bytes through Beam; datasketch's objects
+are per-document Python state. The hashing follows the usual scheme (sha1
+32-bit n-gram hashes, ``(a*h + b) mod (2^61 - 1)`` permutations seeded with
+``seed``), so signatures equal datasketch's ``scheme="legacy"`` (its default
+before 2.0) with the same seed and size.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import struct
+import unicodedata
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+
+import apache_beam as beam
+import numpy as np
+
+MERSENNE = np.uint64((1 << 61) - 1)
+MAX_HASH = np.uint64((1 << 32) - 1)
+
+
+@dataclass(frozen=True)
+class DedupOptions:
+    """Defaults follow datatrove's MinHash: 5-grams of words, 14 bands x 8 rows."""
+
+    ngram: int = 5
+    bands: int = 14
+    rows: int = 8
+    seed: int = 1
+    jaccard_threshold: float = 0.7
+    ncd_threshold: float = 0.3
+    ncd_bytes: int = 1024
+    max_bucket: int = 1000  # members of one bucket paired; larger buckets are counted, capped
+
+    def __post_init__(self):
+        if self.ngram < 1 or self.bands < 1 or self.rows < 1:
+            raise ValueError("ngram, bands and rows must be at least 1")
+        if not 0.0 < self.jaccard_threshold <= 1.0:
+            raise ValueError(f"jaccard_threshold must be in (0, 1], got {self.jaccard_threshold}")
+        if self.ncd_threshold < 0:
+            raise ValueError(f"ncd_threshold must be >= 0, got {self.ncd_threshold}")
+        if self.ncd_bytes < 1:
+            raise ValueError("ncd_bytes must be at least 1")
+        if self.max_bucket < 2:
+            raise ValueError("max_bucket must be at least 2")
+
+    @property
+    def num_perm(self) -> int:
+        return self.bands * self.rows
+
+
+DocKey = tuple[int, int, str]  # (shard index, position, doc_id): input order
+
+
+@dataclass(frozen=True)
+class DocSketch:
+    key: DocKey
+    shard: str
+    bytes: int
+    normalized_hash: str
+    shingles: bytes  # sorted unique uint32 n-gram hashes
+    signature: bytes  # num_perm uint32
+    prefix: bytes  # the first ncd_bytes bytes
+
+
+@dataclass(frozen=True)
+class Edge:
+    a: DocKey
+    b: DocKey
+    jaccard: float
+    ncd: float | None
+    a_info: tuple[str, str]  # (shard, normalized hash)
+    b_info: tuple[str, str]
+
+
+def normalize_text(data: bytes) -> str:
+    """NFKC, case-folded, every run of whitespace one space: what exact dedup compares."""
+    text = unicodedata.normalize("NFKC", data.decode("utf-8", errors="replace")).casefold()
+    return " ".join(text.split())
+
+
+def normalized_hash(data: bytes) -> str:
+    return hashlib.sha256(normalize_text(data).encode()).hexdigest()
+
+
+def shingle_hashes(text: str, n: int) -> np.ndarray:
+    """Sorted unique sha1-32 hashes of the word n-grams (one n-gram of all words when fewer than n)."""
+    words = text.split()
+    if not words:
+        return np.zeros(0, np.uint32)
+    grams = [" ".join(words[i:i + n]) for i in range(max(1, len(words) - n + 1))]
+    hashes = [struct.unpack("<I", hashlib.sha1(g.encode()).digest()[:4])[0] for g in grams]
+    return np.unique(np.array(hashes, np.uint64)).astype(np.uint32)
+
+
+class MinHasher:
+    def __init__(self, num_perm: int, seed: int = 1):
+        gen = np.random.RandomState(seed)
+        ab = np.array([(gen.randint(1, MERSENNE, dtype=np.uint64), gen.randint(0, MERSENNE, dtype=np.uint64))
+                       for _ in range(num_perm)], dtype=np.uint64)
+        self.a, self.b = ab[:, 0].copy(), ab[:, 1].copy()
+
+    def signature(self, shingles: np.ndarray) -> np.ndarray:
+        if len(shingles) == 0:
+            return np.full(len(self.a), MAX_HASH, np.uint32)
+        h = shingles.astype(np.uint64)[:, None]
+        with np.errstate(over="ignore"):  # uint64 wrap-around is part of the scheme
+            permuted = ((h * self.a + self.b) % MERSENNE) & MAX_HASH
+        return permuted.min(axis=0).astype(np.uint32)
+
+
+def make_sketch(key: DocKey, shard: str, data: bytes, options: DedupOptions, hasher: MinHasher) -> DocSketch:
+    text = normalize_text(data)
+    shingles = shingle_hashes(text, options.ngram)
+    return DocSketch(key, shard, len(data), hashlib.sha256(text.encode()).hexdigest(), shingles.tobytes(),
+                     hasher.signature(shingles).tobytes(), data[:options.ncd_bytes])
+
+
+def jaccard(a: DocSketch, b: DocSketch) -> float:
+    x, y = np.frombuffer(a.shingles, np.uint32), np.frombuffer(b.shingles, np.uint32)
+    union = len(np.union1d(x, y))
+    return len(np.intersect1d(x, y, assume_unique=True)) / union if union else 1.0
+
+
+def ncd(cx: float | None, cy: float | None, cxy: float | None) -> float | None:
+    if cx is None or cy is None or cxy is None or max(cx, cy) <= 0:
+        return None
+    return (cxy - min(cx, cy)) / max(cx, cy)
+
+
+def band_keys(sketch: DocSketch, options: DedupOptions) -> Iterator[tuple[bytes, DocKey]]:
+    sig = np.frombuffer(sketch.signature, np.uint32)
+    # An empty text has no n-grams: only exact dedup can match it.
+    for band in range(options.bands if sketch.shingles else 0):
+        part = sig[band * options.rows:(band + 1) * options.rows]
+        yield band.to_bytes(2, "big") + hashlib.sha1(part.tobytes()).digest()[:12], sketch.key
+
+
+def star_pairs(members: Iterable[DocKey], max_bucket: int) -> Iterator[tuple[DocKey, DocKey]]:
+    """Each member paired with the bucket's first member in input order."""
+    ordered = sorted(set(members))
+    for other in ordered[1:max_bucket]:
+        yield ordered[0], other
+
+
+class _Components:
+    """Union-find over document keys."""
+
+    def __init__(self):
+        self.parent: dict[DocKey, DocKey] = {}
+
+    def find(self, x: DocKey) -> DocKey:
+        self.parent.setdefault(x, x)
+        root = x
+        while self.parent[root] != root:
+            root = self.parent[root]
+        while self.parent[x] != root:
+            self.parent[x], x = root, self.parent[x]
+        return root
+
+    def union(self, a: DocKey, b: DocKey) -> None:
+        ra, rb = self.find(a), self.find(b)
+        if ra != rb:
+            # The smaller key (earlier in input order) stays the root.
+            lo, hi = min(ra, rb), max(ra, rb)
+            self.parent[hi] = lo
+
+
+def duplicate_rows(edges: Iterable[Edge]) -> list[dict]:
+    """Rows of the duplicates manifest from verified edges.
+
+    Keep rule: the first document of a cluster in input order (shard listing
+    order, then line/row, then id) is kept; every other one is dropped and
+    points at it.
+    """
+    uf = _Components()
+    best: dict[DocKey, Edge] = {}
+    hashes: dict[DocKey, tuple[str, str]] = {}
+    for e in sorted(edges, key=lambda e: (e.a, e.b)):
+        hashes[e.a], hashes[e.b] = e.a_info, e.b_info
+        uf.union(e.a, e.b)
+        for me in (e.a, e.b):
+            cur = best.get(me)
+            if cur is None or (e.jaccard, -(e.ncd if e.ncd is not None else 2.0)) > (
+                    cur.jaccard, -(cur.ncd if cur.ncd is not None else 2.0)):
+                best[me] = e
+    clusters: dict[DocKey, list[DocKey]] = {}
+    for key in uf.parent:
+        clusters.setdefault(uf.find(key), []).append(key)
+    rows = []
+    for cluster_id, root in enumerate(sorted(clusters)):
+        members = sorted(clusters[root])
+        for key in members:
+            keep = key == root
+            e = best[key]
+            matched = e.b if e.a == key else e.a
+            shard, h = hashes[key]
+            rows.append({
+                "doc_id": key[2], "shard": shard, "position": key[1], "cluster_id": cluster_id,
+                "cluster_size": len(members), "keep": keep, "kept_doc_id": root[2],
+                "reason": "kept" if keep else ("exact" if h == hashes[root][1] else "near"),
+                "matched_doc_id": matched[2], "jaccard": e.jaccard, "ncd": e.ncd,
+            })
+    return rows

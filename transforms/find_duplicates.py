@@ -1,0 +1,137 @@
+"""``FindDuplicates``: sketches in, rows of the ``duplicates/`` manifest out.
+
+The steps and the reasons for them are in ``dedup``'s docstring. Counters:
+``dedup_candidate_pairs``, ``dedup_verified_pairs``, ``dedup_capped_buckets``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Iterator
+
+import apache_beam as beam
+from apache_beam.metrics import Metrics
+
+from lmc_audit.transforms import dedup
+from lmc_audit.transforms.dedup import DedupOptions, DocSketch, Edge
+from lmc_audit.transforms.records import Chunk, ScoredChunk
+
+NAMESPACE = "lmc_audit"
+NCD_SHARD = "<ncd>"
+NCD_CHUNKS = "ncd_chunks"
+
+
+def _pair_id(a: dedup.DocKey, b: dedup.DocKey) -> str:
+    return hashlib.sha1(repr((a, b)).encode()).hexdigest()
+
+
+class PairBuckets(beam.DoFn):
+    def __init__(self, max_bucket: int):
+        self._max_bucket = max_bucket
+        self._capped = Metrics.counter(NAMESPACE, "dedup_capped_buckets")
+
+    def process(self, element) -> Iterator[tuple[dedup.DocKey, dedup.DocKey]]:
+        _, members = element
+        members = list(members)
+        if len(set(members)) > self._max_bucket:
+            self._capped.inc()
+        yield from dedup.star_pairs(members, self._max_bucket)
+
+
+def _attach_first(element) -> Iterator[tuple[dedup.DocKey, DocSketch]]:
+    _, grouped = element
+    for sketch in grouped["sketch"]:
+        for other in grouped["pairs"]:
+            yield other, sketch
+
+
+def _attach_second(element) -> Iterator[tuple[DocSketch, DocSketch]]:
+    _, grouped = element
+    for sketch in grouped["sketch"]:
+        for first in grouped["firsts"]:
+            yield first, sketch
+
+
+class JoinedPair(beam.DoFn):
+    """A candidate pair with its Jaccard similarity, and the chunks whose bits give its NCD."""
+
+    def __init__(self):
+        self._pairs = Metrics.counter(NAMESPACE, "dedup_candidate_pairs")
+
+    def process(self, pair: tuple[DocSketch, DocSketch]):
+        a, b = pair
+        self._pairs.inc()
+        pid = _pair_id(a.key, b.key)
+        yield pid, (a, b, dedup.jaccard(a, b))
+        if a.prefix and b.prefix:
+            for role, data in (("x", a.prefix), ("y", b.prefix), ("xy", a.prefix + b.prefix)):
+                yield beam.pvalue.TaggedOutput(NCD_CHUNKS, Chunk(
+                    f"{pid}:{role}", NCD_SHARD, -1, 0, 0, 0, data, hashlib.sha256(data).digest(), 0, 0, 0))
+
+
+def _key_by_pair(s: ScoredChunk) -> tuple[str, tuple[str, float | None]]:
+    pid, role = s.chunk.doc_id.split(":")
+    return pid, (role, s.bits)
+
+
+class VerifyPair(beam.DoFn):
+    def __init__(self, options: DedupOptions):
+        self._options = options
+        self._verified = Metrics.counter(NAMESPACE, "dedup_verified_pairs")
+
+    def process(self, element) -> Iterator[Edge]:
+        _, grouped = element
+        bits = dict(grouped["scored"])
+        distance = dedup.ncd(bits.get("x"), bits.get("y"), bits.get("xy"))
+        for a, b, jac in grouped["pair"]:
+            same_text = a.normalized_hash == b.normalized_hash
+            if (same_text or jac >= self._options.jaccard_threshold
+                    or (distance is not None and distance <= self._options.ncd_threshold)):
+                self._verified.inc()
+                yield Edge(a.key, b.key, 1.0 if same_text else jac, distance,
+                           (a.shard, a.normalized_hash), (b.shard, b.normalized_hash))
+
+
+class FindDuplicates(beam.PTransform):
+    """``DocSketch`` elements in; one list of duplicates-manifest rows out (possibly empty).
+
+    ``score`` is a ``ScoreChunks`` (no coding) with the audit's model: it
+    gives C(x), C(y) and C(xy) for the NCD. Without it, NCD is left empty.
+    """
+
+    def __init__(self, options: DedupOptions = DedupOptions(), score: beam.PTransform | None = None):
+        super().__init__()
+        self._options = options
+        self._score = score
+
+    def expand(self, sketches):
+        o = self._options
+        exact = (sketches
+                 | "KeyByNormalizedHash" >> beam.Map(lambda s: (s.normalized_hash, s.key))
+                 | "GroupByNormalizedHash" >> beam.GroupByKey()
+                 | "ExactPairs" >> beam.ParDo(PairBuckets(o.max_bucket)))
+        near = (sketches
+                | "BandKeys" >> beam.FlatMap(dedup.band_keys, o)
+                | "GroupByBand" >> beam.GroupByKey()
+                | "BucketPairs" >> beam.ParDo(PairBuckets(o.max_bucket)))
+        pairs = (exact, near) | "AllPairs" >> beam.Flatten() | "UniquePairs" >> beam.Distinct()
+        keyed = sketches | "KeyByDoc" >> beam.Map(lambda s: (s.key, s))
+        firsts = ({"sketch": keyed, "pairs": pairs}
+                  | "JoinFirst" >> beam.CoGroupByKey() | "AttachFirst" >> beam.FlatMap(_attach_first))
+        joined = (({"sketch": keyed, "firsts": firsts}
+                   | "JoinSecond" >> beam.CoGroupByKey() | "AttachSecond" >> beam.FlatMap(_attach_second))
+                  | "Jaccard" >> beam.ParDo(JoinedPair()).with_outputs(NCD_CHUNKS, main="pairs"))
+        if self._score is not None:
+            scored = (joined.ncd_chunks
+                      | "ScoreConcatenations" >> self._score
+                      | "KeyByPair" >> beam.Map(_key_by_pair))
+        else:
+            scored = sketches.pipeline | "NoNcd" >> beam.Create([])
+        return (
+            {"pair": joined.pairs, "scored": scored}
+            | "JoinNcd" >> beam.CoGroupByKey()
+            | "Verify" >> beam.ParDo(VerifyPair(o))
+            | "CollectEdges" >> beam.combiners.ToList()
+            | "Clusters" >> beam.Map(dedup.duplicate_rows)
+        )
+
