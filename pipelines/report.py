@@ -15,6 +15,7 @@ import json
 from collections.abc import Sequence
 
 import fsspec
+import numpy as np
 import pyarrow.dataset as ds
 
 TOP_DOCUMENTS = 20
@@ -51,8 +52,10 @@ def _plots(docs: list[dict]) -> tuple[str, str]:
     scored = [d for d in docs if d["bpb"] is not None]
     fig, ax = plt.subplots(figsize=(6.4, 3.2))
     if scored:
-        ax.hist([d["bpb"] for d in scored], bins=40, color=DOC_COLOR, alpha=0.8, label="model")
-        ax.hist([d["zlib_bpb"] for d in scored], bins=40, color="#7f7f7f", alpha=0.5, label="zlib -9")
+        values = [d["bpb"] for d in scored] + [d["zlib_bpb"] for d in scored]
+        bins = np.linspace(0.0, max(values) * 1.02 + 1e-9, 50)  # shared, so the two are comparable
+        ax.hist([d["bpb"] for d in scored], bins=bins, color=DOC_COLOR, alpha=0.8, label="model")
+        ax.hist([d["zlib_bpb"] for d in scored], bins=bins, color="#7f7f7f", alpha=0.5, label="zlib -9")
         ax.legend()
     ax.set_xlabel("bits per byte (per document)")
     ax.set_ylabel("documents")
