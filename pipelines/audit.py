@@ -32,7 +32,7 @@ from lmc_audit.transforms.model_loading import (BUNDLED, model_fingerprint, reso
                                                 validate_model_spec)
 from lmc_audit.transforms.read_corpus import DEAD_LETTER, NAMESPACE, ReadCorpus
 from lmc_audit.transforms.scoring import ScoreChunks
-from lmc_audit.transforms.signals import SignalOptions
+from lmc_audit.transforms.signals import SIGNALS, SignalOptions
 
 MANIFEST_DIRS = ("chunks", "documents", "shards", "dead_letter", "payloads", "duplicates")
 PACKAGES = ("lmc-audit", "apache-beam", "torch", "transformers", "tokenizers", "safetensors",
@@ -289,6 +289,14 @@ def write_run_record(args, beam_args, result, fingerprint: str, model_dir: str, 
         },
         "bpb": {"model": bits / scored_bytes if scored_bytes else None,
                 "zlib": weighted("zlib_bpb"), "zstd": weighted("zstd_bpb"), "xz": weighted("xz_bpb")},
+        "signals": {"min_k": args.min_k, "flagged_documents": sum(r["flagged_documents"] for r in shards),
+                    **{f"flagged_{name}": sum(r[f"flagged_{name}"] for r in shards) for name in SIGNALS}},
+        "duplicates": None if not args.dedup else {
+            "dropped_exact": sum(r["exact_duplicates"] for r in shards),
+            "dropped_near": sum(r["near_duplicates"] for r in shards),
+            "candidate_pairs": max(_counter(result, "dedup_candidate_pairs"), 0),
+            "verified_pairs": max(_counter(result, "dedup_verified_pairs"), 0),
+        },
         "padding_fraction": padded / (padded + real) if padded >= 0 and real > 0 else None,
         "coding": None if not args.coding else {
             "precision": args.precision, "rows": args.coding_rows, "block": args.coding_block,

@@ -34,10 +34,21 @@ def print_summary(output: str) -> None:
                                   "over the model's ideal bits)"))
         rows.append(("verified", f"{coding['verified']:,} payloads decoded exactly, "
                                  f"{coding['verification_failed']:,} failed"))
+    sig = record.get("signals")
+    if sig:
+        rows.append(("flagged docs", f"{sig['flagged_documents']:,}  (bpb {sig['flagged_bpb']}, zlib ratio "
+                                     f"{sig['flagged_zlib_ratio']}, Min-K% {sig['flagged_min_k']}, "
+                                     f"Min-K%++ {sig['flagged_min_k_pp']}, reference {sig['flagged_reference_diff']})"))
+    dup = record.get("duplicates")
+    if dup:
+        rows.append(("duplicates", f"{dup['dropped_exact']:,} exact + {dup['dropped_near']:,} near dropped "
+                                   f"({dup['verified_pairs']:,} of {dup['candidate_pairs']:,} candidate pairs verified)"))
     rows.append(("wall time", f"{record['wall_seconds']:.1f} s"))
     width = max(len(k) for k, _ in rows)
     print()
     for k, v in rows:
         print(f"  {k:<{width}}  {v}")
-    folders = "chunks,documents,shards,dead_letter" + (",payloads" if coding else "")
+    folders = "chunks,documents,shards,dead_letter" + (",payloads" if coding else "") + (",duplicates" if dup else "")
     print(f"\n  manifests: {output.rstrip('/')}/{{{folders}}}/\n  run record: {output.rstrip('/')}/run.json")
+    if fs.exists(f"{root}/report.html"):
+        print(f"  report:     {output.rstrip('/')}/report.html")
