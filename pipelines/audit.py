@@ -9,6 +9,7 @@ Flags this parser does not know go to Beam's ``PipelineOptions`` unchanged
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import platform
 import sys
@@ -62,6 +63,11 @@ def build_parser() -> argparse.ArgumentParser:
                      help="uncompressed JSONL shards larger than this are read in byte ranges in parallel (default 64 MiB)")
     p.add_argument("--output", required=True, help="directory or fsspec URL for the manifests")
     p.add_argument("--overwrite", action="store_true", help="replace manifests already in --output")
+    p.add_argument("--incremental", action="store_true",
+                   help="keep the shards in --output already audited with the same model and options (and "
+                        "unchanged: same path, size and modification time or checksum); audit only new or "
+                        "changed shards, drop the ones no longer in the input, and recompute duplicates, shards "
+                        "and the run record. Also resumes a run that was killed.")
     p.add_argument("--chunk-bytes", type=int, default=DEFAULT_CHUNK_BYTES,
                    help=f"bytes per chunk; each chunk is scored on its own (default {DEFAULT_CHUNK_BYTES})")
     m = p.add_argument_group("model")
@@ -167,12 +173,80 @@ def validate(args: argparse.Namespace) -> None:
     except (FileNotFoundError, ValueError) as exc:
         raise SystemExit(f"lmc-audit: {exc}") from None
     fs, root = fsspec.core.url_to_fs(args.output)
-    existing = [d for d in (*MANIFEST_DIRS, "run.json", "report.html") if fs.exists(f"{root.rstrip('/')}/{d}")]
+    existing = [d for d in (*MANIFEST_DIRS, "_state", "run.json", "report.html")
+                if fs.exists(f"{root.rstrip('/')}/{d}")]
+    if args.incremental:
+        if args.overwrite:
+            raise SystemExit("lmc-audit: --incremental keeps what --output holds; --overwrite replaces it: pick one")
+        # The run record marks a complete set of manifests: it goes until this run completes.
+        for d in ("run.json", "report.html"):
+            if d in existing:
+                fs.rm(f"{root.rstrip('/')}/{d}")
+        return
     if existing and not args.overwrite:
         raise SystemExit(f"lmc-audit: {args.output} already holds manifests ({', '.join(existing)}); "
                          "pass --overwrite or choose another --output")
     for d in existing:
         fs.rm(f"{root.rstrip('/')}/{d}", recursive=True)
+
+
+RESULT_OPTIONS = ("format", "text_field", "id_field", "split_bytes", "chunk_bytes", "dtype", "device",
+                  "length_granularity", "coding", "precision", "coding_rows", "coding_block", "min_k",
+                  "reference_model", "flag_bpb_below", "flag_zlib_ratio_below", "flag_min_k_above",
+                  "flag_min_k_pp_above", "flag_reference_diff_below", "dedup", "minhash_ngram", "minhash_bands",
+                  "minhash_rows", "minhash_seed", "ncd_bytes")
+
+
+def options_fingerprint(args: argparse.Namespace, model_fingerprint: str) -> str:
+    """What a shard's manifests depend on besides its bytes: the model and the options that change rows."""
+    chosen = {k: getattr(args, k) for k in RESULT_OPTIONS}
+    if args.reference_model:
+        chosen["reference_fingerprint"] = model_fingerprint_of(args.reference_model)
+    text = json.dumps({"model": model_fingerprint, **chosen}, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def model_fingerprint_of(spec: str) -> str:
+    return model_fingerprint(resolve_model_dir(spec))
+
+
+def shard_key(path: str) -> str:
+    """fsspec's ``ukey``: size and modification time locally, the ETag / checksum on object stores."""
+    fs, p = fsspec.core.url_to_fs(path)
+    return str(fs.ukey(p))
+
+
+def plan_incremental(output: str, shards: list, fingerprint: str) -> tuple[dict, list, list]:
+    """(commit info per shard, shards to read, (shard, index, row) of committed shards kept)."""
+    from lmc_audit.transforms.manifests import STATE_COMMITS, shard_part_name
+
+    fs, root = fsspec.core.url_to_fs(output)
+    root = root.rstrip("/")
+    commit = {s.path: {"key": shard_key(s.path), "fingerprint": fingerprint} for s in shards}
+    markers = {}
+    if fs.exists(f"{root}/{STATE_COMMITS}"):
+        for path in sorted(fs.find(f"{root}/{STATE_COMMITS}")):
+            if path.endswith(".json"):
+                marker = json.loads(fs.cat_file(path))
+                markers[marker["shard"]] = marker
+    to_read, kept = [], []
+    for s in shards:
+        m = markers.get(s.path)
+        if m and m.get("key") == commit[s.path]["key"] and m.get("fingerprint") == fingerprint:
+            kept.append((s.path, s.index, m["row"]))
+        else:
+            to_read.append(s)
+    # Shards gone from the input: their files go.
+    current = {shard_part_name(s.path) for s in shards}
+    for d in (*MANIFEST_DIRS, "_state/sketches", STATE_COMMITS):
+        folder = f"{root}/{d}"
+        if not fs.exists(folder):
+            continue
+        for path in fs.ls(folder, detail=False):
+            name = path.rsplit("/", 1)[-1].replace(".json", ".parquet")
+            if name.startswith("part-") and len(name) == len("part-") + 16 + len(".parquet") and name not in current:
+                fs.rm(path)
+    return commit, to_read, kept
 
 
 def package_versions() -> dict[str, str]:
@@ -195,6 +269,13 @@ def run(argv: list[str] | None = None, test_pipeline: beam.Pipeline | None = Non
           + (f", {len(listing_errors)} unreadable" if listing_errors else ""), file=sys.stderr)
     model_dir = resolve_model_dir(args.model)
     fingerprint = model_fingerprint(model_dir)
+    run_fingerprint = options_fingerprint(args, fingerprint)
+    commit = {s.path: {"key": shard_key(s.path), "fingerprint": run_fingerprint} for s in shards}
+    committed = []
+    if args.incremental:
+        commit, shards, committed = plan_incremental(args.output, shards, run_fingerprint)
+        print(f"[lmc-audit] incremental: {len(committed)} shards already audited, {len(shards)} to audit",
+              file=sys.stderr)
 
     options = PipelineOptions(beam_args)
     # Workers import lmc_audit (and its bundled model) from the installed package.
@@ -218,14 +299,16 @@ def run(argv: list[str] | None = None, test_pipeline: beam.Pipeline | None = Non
     dedup = dedup_options(args)
     find_duplicates = FindDuplicates(dedup, scorer(args.model, None)) if dedup else None
     _ = tuple(manifest_inputs) | "WriteManifests" >> WriteManifests(args.output, signal_options(args),
-                                                                   find_duplicates, dedup)
+                                                                   find_duplicates, dedup, commit, committed)
     if args.coding and args.verify_fraction > 0:
         _ = scored | "VerifyPayloads" >> VerifyPayloads(args.model, args.verify_fraction, args.device,
                                                          args.trust_remote_code, args.coding_rows)
     result = pipeline.run()
     result.wait_until_finish()
-    record = write_run_record(args, beam_args, result, fingerprint, model_dir, len(listing_errors),
-                              time.time() - started)
+    # Committed shards were not read: their records count as their documents and dead letters.
+    kept_records = sum(row["documents"] + row["dead_letters"] for _, _, row in committed)
+    record = write_run_record(args, beam_args, result, fingerprint, model_dir, len(listing_errors) + kept_records,
+                              time.time() - started, skipped_shards=len(committed))
     if args.report:
         from lmc_audit.pipelines.report import write_report
 
@@ -246,7 +329,7 @@ def _counter(result, name: str) -> int:
 
 
 def write_run_record(args, beam_args, result, fingerprint: str, model_dir: str, listing_errors: int,
-                     wall_s: float) -> dict:
+                     wall_s: float, skipped_shards: int = 0) -> dict:
     import pyarrow.dataset as ds
 
     fs, root = fsspec.core.url_to_fs(args.output)
@@ -277,6 +360,7 @@ def write_run_record(args, beam_args, result, fingerprint: str, model_dir: str, 
         "versions": package_versions(),
         "counts": {
             "shards": sum(1 for r in shards if r["documents"] or r["chunks"]),
+            "shards_kept_from_earlier_runs": skipped_shards,
             "input_records": records_in,
             "documents": documents,
             "dead_letters": dead,

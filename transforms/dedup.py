@@ -51,7 +51,7 @@ class DedupOptions:
     bands: int = 14
     rows: int = 8
     seed: int = 1
-    jaccard_threshold: float = 0.7
+    jaccard_threshold: float = 0.5
     ncd_threshold: float = 0.3
     ncd_bytes: int = 1024
     max_bucket: int = 1000  # members of one bucket paired; larger buckets are counted, capped

@@ -1,7 +1,7 @@
 """``WriteManifests``: chunk, document, shard and dead-letter Parquet datasets.
 
 Everything about one input shard is grouped on the shard's index and written
-by one worker as ``<manifest>/part-<index>.parquet``, rows sorted, with an
+by one worker as ``<manifest>/part-<hash of shard path>.parquet``, rows sorted, with an
 explicit schema. That makes the files byte-identical whatever the batch
 size, bundle boundaries or number of workers, which Beam's ``WriteToParquet``
 does not promise (its sharding follows bundles). Files are written whole
@@ -12,6 +12,7 @@ so a reader never sees half a file; a retried write produces the same bytes.
 from __future__ import annotations
 
 import hashlib
+import json
 from collections.abc import Iterable, Iterator
 
 import apache_beam as beam
@@ -27,6 +28,8 @@ from lmc_audit.transforms.records import DeadLetter, ScoredChunk
 from lmc_audit.transforms.signals import SignalOptions
 
 SKETCHES = "sketches"
+STATE_SKETCHES = "_state/sketches"
+STATE_COMMITS = "_state/commits"
 SNIPPET_CHARS = 200
 QUANTILES = (("p05", 0.05), ("p25", 0.25), ("median", 0.5), ("p75", 0.75), ("p95", 0.95))
 
@@ -35,11 +38,20 @@ def part_name(index: int) -> str:
     return f"part-{index:05d}.parquet"
 
 
+def shard_part_name(shard: str) -> str:
+    """A shard's file name in every manifest: stable when other shards come or go (incremental runs)."""
+    return f"part-{hashlib.sha1(shard.encode()).hexdigest()[:16]}.parquet"
+
+
 def write_table(output: str, manifest: str, name: str, rows: list[dict], schema: pa.Schema) -> None:
     table = pa.Table.from_pylist(rows, schema=schema)
     sink = pa.BufferOutputStream()
     pq.write_table(table, sink, compression="zstd")
-    data = sink.getvalue().to_pybytes()
+    write_bytes(output, manifest, name, sink.getvalue().to_pybytes())
+
+
+def write_bytes(output: str, manifest: str, name: str, data: bytes) -> None:
+    """Whole-file write: renamed into place locally, one PUT on object stores."""
     fs, root = fsspec.core.url_to_fs(output)
     folder = f"{root.rstrip('/')}/{manifest}"
     fs.makedirs(folder, exist_ok=True)
@@ -172,6 +184,32 @@ def payload_row(s: ScoredChunk) -> dict:
             "method": method, "recipe": s.recipe or "stored", "payload": s.payload}
 
 
+def sketch_row(k: dedup.DocSketch) -> dict:
+    return {"doc_id": k.key[2], "position": k.key[1], "shard": k.shard, "bytes": k.bytes,
+            "normalized_hash": k.normalized_hash, "shingles": k.shingles, "signature": k.signature, "prefix": k.prefix}
+
+
+class LoadCommittedSketches(beam.DoFn):
+    """Sketches of shards an incremental run skips, read back from ``_state/sketches``."""
+
+    def __init__(self, output: str):
+        self._output = output
+
+    def process(self, element: tuple[str, int]) -> Iterator[dedup.DocSketch]:
+        import pyarrow.parquet as pq_
+
+        shard, index = element
+        fs, root = fsspec.core.url_to_fs(self._output)
+        path = f"{root.rstrip('/')}/{STATE_SKETCHES}/{shard_part_name(shard)}"
+        if not fs.exists(path):
+            return
+        with fs.open(path, "rb") as f:
+            rows = pq_.read_table(f, schema=schemas.SKETCHES).to_pylist()
+        for r in rows:
+            yield dedup.DocSketch((index, r["position"], r["doc_id"]), r["shard"], r["bytes"], r["normalized_hash"],
+                                  r["shingles"], r["signature"], r["prefix"])
+
+
 def dead_letter_row(d: DeadLetter) -> dict:
     return {"shard": d.shard, "position": d.position, "doc_id": d.doc_id, "reason": d.reason}
 
@@ -183,10 +221,12 @@ class WriteShardManifests(beam.DoFn):
     (tagged output ``sketches``).
     """
 
-    def __init__(self, output: str, signal_options: SignalOptions, dedup_options: DedupOptions | None):
+    def __init__(self, output: str, signal_options: SignalOptions, dedup_options: DedupOptions | None,
+                 commit: dict[str, dict] | None = None):
         self._output = output
         self._signals = signal_options
         self._dedup = dedup_options
+        self._commit = commit or {}  # shard -> {"key", "fingerprint"}: what its commit marker records
 
     def setup(self) -> None:
         self._hasher = dedup.MinHasher(self._dedup.num_perm, self._dedup.seed) if self._dedup else None
@@ -200,6 +240,7 @@ class WriteShardManifests(beam.DoFn):
         references = {(r[0], r[1], r[2]): r[3] for r in grouped.get("reference", ())}
         ref_of = [references.get((s.chunk.position, s.chunk.doc_id, s.chunk.chunk_index)) for s in chunks]
         docs: list[dict] = []
+        sketches: list[dedup.DocSketch] = []
         start = 0
         for i in range(1, len(chunks) + 1):
             if i == len(chunks) or (chunks[i].chunk.position, chunks[i].chunk.doc_id) != (
@@ -208,11 +249,12 @@ class WriteShardManifests(beam.DoFn):
                 docs.append(document_row(doc_chunks, self._signals, ref_of[start:i] if has_reference else None))
                 if self._hasher is not None:
                     first = doc_chunks[0].chunk
-                    yield beam.pvalue.TaggedOutput(SKETCHES, dedup.make_sketch(
+                    sketches.append(dedup.make_sketch(
                         (index, first.position, first.doc_id), first.shard,
                         b"".join(s.chunk.data for s in doc_chunks), self._dedup, self._hasher))
                 start = i
-        name = part_name(index)
+        shard = chunks[0].chunk.shard if chunks else dead[0].shard
+        name = shard_part_name(shard)
         if chunks:
             rows = [chunk_row(s, self._signals.k, r) for s, r in zip(chunks, ref_of)]
             write_table(self._output, "chunks", name, rows, schemas.CHUNKS)
@@ -223,8 +265,16 @@ class WriteShardManifests(beam.DoFn):
                             schemas.PAYLOADS)
         if dead:
             write_table(self._output, "dead_letter", name, [dead_letter_row(d) for d in dead], schemas.DEAD_LETTER)
-        shard = chunks[0].chunk.shard if chunks else dead[0].shard
-        yield shard_row(shard, docs, len(dead))
+        row = shard_row(shard, docs, len(dead))
+        if sketches:
+            write_table(self._output, STATE_SKETCHES, name, [sketch_row(k) for k in sketches], schemas.SKETCHES)
+        # The commit marker comes last: a shard is complete once it exists (incremental runs skip it).
+        marker = {"shard": shard, **self._commit.get(shard, {}), "row": row}
+        write_bytes(self._output, STATE_COMMITS, name.replace(".parquet", ".json"),
+                    json.dumps(marker, sort_keys=True).encode())
+        yield row
+        for k in sketches:
+            yield beam.pvalue.TaggedOutput(SKETCHES, k)
 
 
 class WriteShardsTable(beam.DoFn):
@@ -282,8 +332,13 @@ class WriteManifests(beam.PTransform):
     """
 
     def __init__(self, output: str, signal_options: SignalOptions = SignalOptions(),
-                 find_duplicates: beam.PTransform | None = None, dedup_options: DedupOptions | None = None):
+                 find_duplicates: beam.PTransform | None = None, dedup_options: DedupOptions | None = None,
+                 commit: dict[str, dict] | None = None, committed: list[tuple[str, int, dict]] = ()):
+        """``commit``: per shard, the key and fingerprint its marker records; ``committed``:
+        (shard, index, shard row) of shards already complete, which this run does not read."""
         super().__init__()
+        self._commit = commit
+        self._committed = list(committed)
         if not output:
             raise ValueError("output must be a directory path or fsspec URL")
         if (find_duplicates is None) != (dedup_options is None):
@@ -302,17 +357,27 @@ class WriteManifests(beam.PTransform):
         written = (
             grouped
             | "GroupByShard" >> beam.CoGroupByKey()
-            | "WriteShardFiles" >> beam.ParDo(WriteShardManifests(self._output, self._signals, self._dedup))
+            | "WriteShardFiles" >> beam.ParDo(WriteShardManifests(self._output, self._signals, self._dedup,
+                                                                  self._commit))
             .with_outputs(SKETCHES, main="shards")
         )
+        pipeline = written.shards.pipeline
+        committed = pipeline | "CommittedShards" >> beam.Create(self._committed, reshuffle=False)
+        shard_rows = ((written.shards, committed | "CommittedRows" >> beam.Map(lambda c: c[2]))
+                      | "AllShardRows" >> beam.Flatten())
+        sketches = written[SKETCHES]
+        if self._committed and self._find_duplicates is not None:
+            loaded = (committed | "CommittedShardNames" >> beam.Map(lambda c: (c[0], c[1]))
+                      | "LoadCommittedSketches" >> beam.ParDo(LoadCommittedSketches(self._output)))
+            sketches = (sketches, loaded) | "AllSketches" >> beam.Flatten()
         if self._find_duplicates is not None:
-            duplicates = (written[SKETCHES]
+            duplicates = (sketches
                           | "FindDuplicates" >> self._find_duplicates
                           | "WriteDuplicates" >> beam.ParDo(WriteDuplicates(self._output)))
         else:
             duplicates = written.shards.pipeline | "NoDuplicates" >> beam.Create([])
         return (
-            written.shards
+            shard_rows
             | "CollectShardRows" >> beam.combiners.ToList()
             | "WriteShardsTable" >> beam.ParDo(WriteShardsTable(self._output), beam.pvalue.AsList(duplicates))
         )

@@ -118,6 +118,18 @@ DUPLICATES = pa.schema([
     pa.field("ncd", pa.float64()),
 ])
 
+# Internal state for incremental runs (``_state/sketches``): a document's dedup sketch.
+SKETCHES = pa.schema([
+    pa.field("doc_id", pa.string(), nullable=False),
+    pa.field("position", pa.int64(), nullable=False),
+    pa.field("shard", pa.string(), nullable=False),
+    pa.field("bytes", pa.int64(), nullable=False),
+    pa.field("normalized_hash", pa.string(), nullable=False),
+    pa.field("shingles", pa.binary(), nullable=False),
+    pa.field("signature", pa.binary(), nullable=False),
+    pa.field("prefix", pa.binary(), nullable=False),
+])
+
 MANIFESTS = {
     "chunks": CHUNKS,
     "documents": DOCUMENTS,
