@@ -77,6 +77,9 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--device", default="auto", help="auto (CUDA if present), cpu, cuda or cuda:N")
     m.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16"),
                    help="auto: bfloat16 on CUDA devices that support it, float32 on CPU")
+    m.add_argument("--scoring-accelerator", default=None,
+                   help="Dataflow right fitting: a Beam accelerator resource hint for the scoring steps only, e.g. "
+                        "'type:nvidia-l4;count:1;install-nvidia-driver' (reading and writing stay on CPU workers)")
     m.add_argument("--trust-remote-code", action="store_true",
                    help="let transformers run code shipped with the model (off by default)")
     m.add_argument("--max-batch-tokens", type=int, default=16384,
@@ -287,9 +290,12 @@ def run(argv: list[str] | None = None, test_pipeline: beam.Pipeline | None = Non
     dead_letters = (read[DEAD_LETTER], unlisted) | "AllDeadLetters" >> beam.Flatten()
     coding = (CodingOptions(fingerprint, args.precision, args.coding_rows, args.coding_block)
               if args.coding else None)
-    def scorer(model: str, coding_options: CodingOptions | None) -> ScoreChunks:
-        return ScoreChunks(model, args.device, args.dtype, args.trust_remote_code, args.max_batch_tokens,
-                           args.max_batch_rows, args.length_granularity, coding_options)
+    def scorer(model: str, coding_options: CodingOptions | None) -> beam.PTransform:
+        transform = ScoreChunks(model, args.device, args.dtype, args.trust_remote_code, args.max_batch_tokens,
+                                args.max_batch_rows, args.length_granularity, coding_options)
+        if args.scoring_accelerator:
+            transform = transform.with_resource_hints(accelerator=args.scoring_accelerator)
+        return transform
 
     chunks = read.main | "ChunkDocuments" >> ChunkDocuments(args.chunk_bytes)
     scored = chunks | "ScoreChunks" >> scorer(args.model, coding)
