@@ -151,17 +151,28 @@ class CausalLMHandler(ModelHandler[TokenizedChunk, ScoredChunk, LoadedModel]):
         by_length: dict[int, list[int]] = {}
         for i, item in enumerate(batch):
             by_length.setdefault(item.padded_length, []).append(i)
-        results: list[ScoredChunk | None] = [None] * len(batch)
-        score = self._encode if self._coding else self._score
+        groups: list[tuple[list[int], int]] = []
         for length, members in sorted(by_length.items()):
-            if self._coding:
-                rows_per_forward = self._coding.rows
-            else:
-                rows_per_forward = max(1, self._max_batch_tokens // length)
-            for s in range(0, len(members), rows_per_forward):
-                group = [batch[i] for i in members[s:s + rows_per_forward]]
-                for i, scored in zip(members[s:s + rows_per_forward], score(group, length, model)):
+            rows_per_forward = self._coding.rows if self._coding else max(1, self._max_batch_tokens // length)
+            groups += [(members[s:s + rows_per_forward], length) for s in range(0, len(members), rows_per_forward)]
+        results: list[ScoredChunk | None] = [None] * len(batch)
+        if self._coding:
+            for members, length in groups:
+                for i, scored in zip(members, self._encode([batch[i] for i in members], length, model)):
                     results[i] = scored
+            return results
+        # Host work of one group (building rows) overlaps the device work of the next: a group's
+        # forward is queued before the previous group's results are waited for.
+        pending = None
+        for members, length in groups:
+            launched = members, self._launch([batch[i] for i in members], length, model)
+            if pending is not None:
+                for i, scored in zip(pending[0], self._finish(pending[1])):
+                    results[i] = scored
+            pending = launched
+        if pending is not None:
+            for i, scored in zip(pending[0], self._finish(pending[1])):
+                results[i] = scored
         return results
 
     def recipe(self, lm: LoadedModel) -> Recipe:
@@ -190,12 +201,32 @@ class CausalLMHandler(ModelHandler[TokenizedChunk, ScoredChunk, LoadedModel]):
         return out
 
     @torch.inference_mode()
-    def _score(self, group: list[TokenizedChunk], length: int, lm: LoadedModel) -> list[ScoredChunk]:
+    def _launch(self, group: list[TokenizedChunk], length: int, lm: LoadedModel):
+        """Queues a group's forward; on CUDA the inputs come from pinned memory and the two
+        [rows, L] results go back into pinned buffers without waiting."""
         inputs, targets = teacher_forcing([item.targets for item in group], len(group), length,
                                           group[0].start_id, lm.pad_id)
-        logp_d, z_d = token_scores(lm.model, torch.from_numpy(inputs).to(lm.device),
-                                   torch.from_numpy(targets).to(lm.device))
-        logp, z = logp_d.cpu().numpy(), z_d.cpu().numpy()
+        cuda = lm.device.type == "cuda"
+        tensors = [torch.from_numpy(a) for a in (inputs, targets)]
+        if cuda:
+            tensors = [t.pin_memory() for t in tensors]
+        inputs_d, targets_d = (t.to(lm.device, non_blocking=cuda) for t in tensors)
+        logp_d, z_d = token_scores(lm.model, inputs_d, targets_d)
+        if not cuda:
+            return group, length, logp_d.numpy(), z_d.numpy(), None
+        logp_h = torch.empty(logp_d.shape, dtype=logp_d.dtype, pin_memory=True)
+        z_h = torch.empty(z_d.shape, dtype=z_d.dtype, pin_memory=True)
+        logp_h.copy_(logp_d, non_blocking=True)
+        z_h.copy_(z_d, non_blocking=True)
+        done = torch.cuda.Event()
+        done.record()
+        return group, length, logp_h, z_h, done
+
+    def _finish(self, launched) -> list[ScoredChunk]:
+        group, length, logp, z, done = launched
+        if done is not None:
+            done.synchronize()
+            logp, z = logp.numpy(), z.numpy()
         out = []
         real = 0
         for r, item in enumerate(group):

@@ -27,7 +27,9 @@ MAX_ENTRIES = 1 << 28
 
 
 def _stats_slice(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    logprobs = torch.log_softmax(logits.float(), dim=-1)  # [r, L, V]
+    logits = logits.float()
+    # logits - logsumexp (not log_softmax): log p(target) is then exactly what the bits always were.
+    logprobs = logits - torch.logsumexp(logits, dim=-1, keepdim=True)  # [r, L, V]
     probs = logprobs.exp()
     mu = (probs * logprobs).sum(-1)  # [r, L]
     var = (probs * logprobs.square()).sum(-1) - mu.square()
