@@ -196,15 +196,13 @@ class LoadCommittedSketches(beam.DoFn):
         self._output = output
 
     def process(self, element: tuple[str, int]) -> Iterator[dedup.DocSketch]:
-        import pyarrow.parquet as pq_
-
         shard, index = element
         fs, root = fsspec.core.url_to_fs(self._output)
         path = f"{root.rstrip('/')}/{STATE_SKETCHES}/{shard_part_name(shard)}"
         if not fs.exists(path):
             return
         with fs.open(path, "rb") as f:
-            rows = pq_.read_table(f, schema=schemas.SKETCHES).to_pylist()
+            rows = pq.read_table(f, schema=schemas.SKETCHES).to_pylist()
         for r in rows:
             yield dedup.DocSketch((index, r["position"], r["doc_id"]), r["shard"], r["bytes"], r["normalized_hash"],
                                   r["shingles"], r["signature"], r["prefix"])

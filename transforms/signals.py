@@ -28,13 +28,15 @@ MAX_ENTRIES = 1 << 28
 
 def _stats_slice(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     logits = logits.float()
-    # logits - logsumexp (not log_softmax): log p(target) is then exactly what the bits always were.
+    # log p = logits - logsumexp (not log_softmax): log p(target) is then exactly what the bits always were.
     logprobs = logits - torch.logsumexp(logits, dim=-1, keepdim=True)  # [r, L, V]
-    probs = logprobs.exp()
-    mu = (probs * logprobs).sum(-1)  # [r, L]
-    var = (probs * logprobs.square()).sum(-1) - mu.square()
-    sigma = var.clamp_min(0).sqrt().clamp_min(MIN_SIGMA)
     picked = logprobs.gather(-1, targets.unsqueeze(-1)).squeeze(-1)  # [r, L]
+    # Two [r, L, V] temporaries in all and dot products over V: these passes cost about as much
+    # as a small model's forward, so none is spent on a product that is summed at once.
+    probs = logprobs.exp()
+    mu = torch.linalg.vecdot(probs, logprobs)  # sum_v p log p
+    second = torch.linalg.vecdot(probs.mul_(logprobs), logprobs)  # sum_v p (log p)^2
+    sigma = (second - mu.square()).clamp_min(0).sqrt().clamp_min(MIN_SIGMA)
     return picked, (picked - mu) / sigma
 
 
