@@ -75,8 +75,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="'bundled' (default: the byte-level model shipped in the package), a save_pretrained() "
                         "directory, an fsspec URL of one, or a Hugging Face hub id")
     m.add_argument("--device", default="auto", help="auto (CUDA if present), cpu, cuda or cuda:N")
-    m.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16"),
-                   help="auto: bfloat16 on CUDA devices that support it, float32 on CPU")
+    m.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16", "bf16-autocast"),
+                   help="auto: bfloat16 weights on CUDA devices that support it, float32 on CPU; bf16-autocast: "
+                        "float32 weights with matmuls in bfloat16 under torch.autocast")
     m.add_argument("--scoring-accelerator", default=None,
                    help="Dataflow right fitting: a Beam accelerator resource hint for the scoring steps only, e.g. "
                         "'type:nvidia-l4;count:1;install-nvidia-driver' (reading and writing stay on CPU workers)")
@@ -161,6 +162,9 @@ def validate(args: argparse.Namespace) -> None:
         raise SystemExit(f"lmc-audit: --verify-fraction must be in [0, 1], got {args.verify_fraction}")
     if not 16 <= args.precision <= 32:
         raise SystemExit(f"lmc-audit: --precision must be 16..32 bits, got {args.precision}")
+    if args.coding and args.dtype == "bf16-autocast":
+        raise SystemExit("lmc-audit: --dtype bf16-autocast scores only: with arithmetic coding use --dtype bfloat16 "
+                         "or float32, or pass --no-coding")
     if args.coding and args.length_granularity % args.coding_block:
         raise SystemExit(f"lmc-audit: --length-granularity ({args.length_granularity}) must be a multiple of "
                          f"--coding-block ({args.coding_block})")

@@ -56,6 +56,13 @@ def test_edge_chunks_round_trip(tiny_byte_model):
         assert s.coded_bits <= s.bits * 1.001 + 32
 
 
+def test_bf16_autocast_is_refused_with_coding_with_what_to_do(tiny_byte_model, tmp_path):
+    with pytest.raises(ValueError, match="--no-coding"):
+        CausalLMHandler(tiny_byte_model, dtype="bf16-autocast", coding=CodingOptions("00" * 32))
+    with pytest.raises(SystemExit, match="bf16-autocast"):
+        run(["--sample", "--output", str(tmp_path / "o"), "--model", tiny_byte_model, "--dtype", "bf16-autocast"])
+
+
 def test_payload_does_not_depend_on_batch_mates(tiny_byte_model):
     datas = [f"chunk number {i} ".encode() * (3 + i) for i in range(6)]
     alone, _ = code_and_decode(tiny_byte_model, datas[:1])

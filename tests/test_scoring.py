@@ -19,6 +19,7 @@ from apache_beam.testing.test_pipeline import TestPipeline
 from apache_beam.testing.util import assert_that, equal_to
 from transformers import AutoModelForCausalLM
 
+from lmc_audit.transforms.model_handler import CausalLMHandler
 from lmc_audit.transforms.records import Chunk, ScoredChunk, TokenizedChunk
 from lmc_audit.transforms.scoring import ScoreChunks, _failed_batch_to_rows
 from lmc_audit.transforms.tokenization import ChunkTokenizer, padded_length
@@ -71,6 +72,27 @@ def test_pipeline_bits_equal_direct_unbatched_computation(tiny_byte_model):
         unpadded = direct_bits(tiny_byte_model, c.data, None)
         assert bits == pytest.approx(unpadded, rel=1e-5)
         assert bits > 0
+
+
+def test_bf16_autocast_scores_close_to_float32_and_batch_independent(tiny_byte_model):
+    tok = ChunkTokenizer.from_model_dir(tiny_byte_model)
+    items = []
+    for c in make_chunks():
+        targets = tok.encode(c.data)[0]
+        items.append(TokenizedChunk(c, targets, tok.start_id, padded_length(len(targets), 64, tok.max_positions)))
+
+    def bits(dtype: str, one_by_one: bool) -> dict:
+        handler = CausalLMHandler(tiny_byte_model, device="cpu", dtype=dtype, max_batch_tokens=1 << 16)
+        lm = handler.load_model()
+        batches = [[i] for i in items] if one_by_one else [items]
+        return {s.chunk.doc_id: s.bits for b in batches for s in handler.run_inference(b, lm)}
+
+    autocast = bits("bf16-autocast", False)
+    assert autocast == bits("bf16-autocast", True)  # bit-exact whatever the batch
+    full = bits("float32", False)
+    assert autocast != full
+    for doc, b in full.items():
+        assert autocast[doc] == pytest.approx(b, rel=0.02)
 
 
 def test_flagged_chunks_come_out_unscored(tiny_bpe_model):

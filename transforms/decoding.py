@@ -88,8 +88,9 @@ class PayloadDecoder:
             for s in range(0, len(members), rows):
                 part = members[s:s + rows]
                 try:
-                    tokens, forwards = coder.decode([b for _, _, b in part], [h.n_tokens for _, h, _ in part],
-                                                    length)
+                    with lm.precision():
+                        tokens, forwards = coder.decode([b for _, _, b in part],
+                                                        [h.n_tokens for _, h, _ in part], length)
                     self.forwards += forwards
                 except ValueError as exc:
                     for i, _, _ in part:

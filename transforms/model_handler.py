@@ -27,6 +27,7 @@ payload (see ``block_coding``), in groups of exactly ``rows`` rows.
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -47,6 +48,8 @@ from lmc_audit.transforms.tokenization import teacher_forcing
 NAMESPACE = "lmc_audit"
 LN2 = math.log(2.0)
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+# float32 weights, matmuls under torch.autocast in bfloat16 (a payload records it as its own dtype).
+AUTOCAST_BF16 = "bf16-autocast"
 
 
 def pick_device(device: str) -> torch.device:
@@ -58,6 +61,9 @@ def pick_device(device: str) -> torch.device:
 
 
 def pick_dtype(dtype: str, device: torch.device) -> torch.dtype:
+    """The dtype of the weights (float32 under bf16 autocast)."""
+    if dtype == AUTOCAST_BF16:
+        return torch.float32
     if dtype == "auto":
         if device.type == "cuda" and torch.cuda.is_bf16_supported():
             return torch.bfloat16
@@ -92,6 +98,17 @@ class LoadedModel:
     device: torch.device
     dtype: torch.dtype
     pad_id: int
+    autocast: bool = False  # forwards under torch.autocast(bfloat16)
+
+    @property
+    def dtype_name(self) -> str:
+        return AUTOCAST_BF16 if self.autocast else DTYPE_NAMES[self.dtype]
+
+    def precision(self):
+        """The context every forward of this model runs in."""
+        if self.autocast:
+            return torch.autocast(self.device.type, dtype=torch.bfloat16)
+        return contextlib.nullcontext()
 
 
 def token_logprobs(model, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -113,12 +130,17 @@ class CausalLMHandler(ModelHandler[TokenizedChunk, ScoredChunk, LoadedModel]):
                  trust_remote_code: bool = False, max_batch_tokens: int = 16384,
                  coding: CodingOptions | None = None):
         super().__init__()
-        if dtype != "auto" and dtype not in DTYPES:
-            raise ValueError(f"dtype {dtype!r} is not one of auto, {', '.join(DTYPES)}")
+        if dtype not in ("auto", AUTOCAST_BF16) and dtype not in DTYPES:
+            raise ValueError(f"dtype {dtype!r} is not one of auto, {', '.join(DTYPES)}, {AUTOCAST_BF16}")
         if device != "auto" and not (device == "cpu" or device.startswith("cuda")):
             raise ValueError(f"device {device!r} is not one of auto, cpu, cuda, cuda:N")
         if max_batch_tokens < 1:
             raise ValueError("max_batch_tokens must be at least 1")
+        if coding is not None and dtype == AUTOCAST_BF16:
+            # transformers 5's StaticCache sizes its value cache from the keys' dtype, which RoPE
+            # promotes to float32 under autocast while values stay bfloat16: the coder cannot run.
+            raise ValueError("--dtype bf16-autocast scores only: with arithmetic coding use --dtype bfloat16 "
+                             "(bf16 weights) or float32, or pass --no-coding")
         self._model_spec = model_spec
         self._device = device
         self._dtype = dtype
@@ -144,7 +166,7 @@ class CausalLMHandler(ModelHandler[TokenizedChunk, ScoredChunk, LoadedModel]):
         pad = config.pad_token_id if config.pad_token_id is not None else config.eos_token_id
         if isinstance(pad, (list, tuple)):
             pad = pad[0]
-        return LoadedModel(model, device, dtype, int(pad or 0))
+        return LoadedModel(model, device, dtype, int(pad or 0), autocast=self._dtype == AUTOCAST_BF16)
 
     def run_inference(self, batch: Sequence[TokenizedChunk], model: LoadedModel,
                       inference_args: dict[str, Any] | None = None) -> Iterable[ScoredChunk]:
@@ -177,12 +199,13 @@ class CausalLMHandler(ModelHandler[TokenizedChunk, ScoredChunk, LoadedModel]):
 
     def recipe(self, lm: LoadedModel) -> Recipe:
         c = self._coding
-        return Recipe.current(c.precision, DTYPE_NAMES[lm.dtype], lm.device.type, c.rows, c.block)
+        return Recipe.current(c.precision, lm.dtype_name, lm.device.type, c.rows, c.block)
 
     def _encode(self, group: list[TokenizedChunk], length: int, lm: LoadedModel) -> list[ScoredChunk]:
         c = self._coding
         coder = BlockCoder(lm.model, lm.device, c.precision, c.rows, c.block, group[0].start_id, lm.pad_id)
-        encoded = coder.encode([np.asarray(item.targets, np.int64) for item in group], length)
+        with lm.precision():
+            encoded = coder.encode([np.asarray(item.targets, np.int64) for item in group], length)
         recipe = self.recipe(lm)
         recipe_text = recipe.to_json()
         fingerprint = bytes.fromhex(c.fingerprint)
@@ -211,7 +234,8 @@ class CausalLMHandler(ModelHandler[TokenizedChunk, ScoredChunk, LoadedModel]):
         if cuda:
             tensors = [t.pin_memory() for t in tensors]
         inputs_d, targets_d = (t.to(lm.device, non_blocking=cuda) for t in tensors)
-        logp_d, z_d = token_scores(lm.model, inputs_d, targets_d)
+        with lm.precision():
+            logp_d, z_d = token_scores(lm.model, inputs_d, targets_d)
         if not cuda:
             return group, length, logp_d.numpy(), z_d.numpy(), None
         logp_h = torch.empty(logp_d.shape, dtype=logp_d.dtype, pin_memory=True)
