@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import random
 from pathlib import Path
@@ -83,15 +84,21 @@ def _edit_words(text: str, n: int, rng: random.Random) -> str:
     return " ".join(words)
 
 
-def _bundled_bits(data: bytes) -> float:
-    import math
-
-    import torch
+@functools.cache
+def _bundled_model():
     from transformers import AutoModelForCausalLM
 
     from lmc_audit.transforms.model_loading import resolve_model_dir
 
-    model = AutoModelForCausalLM.from_pretrained(resolve_model_dir("bundled")).eval()
+    return AutoModelForCausalLM.from_pretrained(resolve_model_dir("bundled")).eval()
+
+
+def _bundled_bits(data: bytes) -> float:
+    import math
+
+    import torch
+
+    model = _bundled_model()
     ids = torch.tensor([[256, *data]])
     with torch.no_grad():
         logp = torch.log_softmax(model(input_ids=ids[:, :-1]).logits.float(), -1)

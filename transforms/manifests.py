@@ -107,8 +107,9 @@ def _signal_columns(chunks: list[ScoredChunk], scored: list[ScoredChunk], bits: 
 
 
 def document_row(chunks: list[ScoredChunk], options: SignalOptions = SignalOptions(),
-                 references: list[float | None] | None = None) -> dict:
-    """One document from its chunks, given in chunk order (``references``: the reference model's bits)."""
+                 references: list[float | None] | None = None, normalized_hash: str | None = None) -> dict:
+    """One document from its chunks, given in chunk order (``references``: the reference model's bits;
+    ``normalized_hash``: when the caller has normalized the text already, as a dedup sketch does)."""
     first = chunks[0].chunk
     n_bytes = sum(len(s.chunk.data) for s in chunks)
     scored = [s for s in chunks if s.bits is not None]
@@ -131,7 +132,7 @@ def document_row(chunks: list[ScoredChunk], options: SignalOptions = SignalOptio
         "xz_bpb": 8 * sum(s.chunk.xz_bytes for s in chunks) / n_bytes,
         **_signal_columns(chunks, scored, bits, scored_bytes, references, options),
         "content_hash": content,
-        "normalized_hash": dedup.normalized_hash(b"".join(s.chunk.data for s in chunks)),
+        "normalized_hash": normalized_hash or dedup.normalized_hash(b"".join(s.chunk.data for s in chunks)),
         "snippet": snippet(first.data),
     }
     row["memorization_flags"] = options.flags(row)
@@ -244,12 +245,16 @@ class WriteShardManifests(beam.DoFn):
             if i == len(chunks) or (chunks[i].chunk.position, chunks[i].chunk.doc_id) != (
                     chunks[start].chunk.position, chunks[start].chunk.doc_id):
                 doc_chunks = chunks[start:i]
-                docs.append(document_row(doc_chunks, self._signals, ref_of[start:i] if has_reference else None))
+                text_hash = None
                 if self._hasher is not None:
+                    # One normalization per document: the sketch's hash is also the manifest's column.
                     first = doc_chunks[0].chunk
                     sketches.append(dedup.make_sketch(
                         (index, first.position, first.doc_id), first.shard,
                         b"".join(s.chunk.data for s in doc_chunks), self._dedup, self._hasher))
+                    text_hash = sketches[-1].normalized_hash
+                docs.append(document_row(doc_chunks, self._signals, ref_of[start:i] if has_reference else None,
+                                         text_hash))
                 start = i
         shard = chunks[0].chunk.shard if chunks else dead[0].shard
         name = shard_part_name(shard)
