@@ -115,7 +115,7 @@ def main(argv: list[str] | None = None) -> dict:
         "raw_forward_padding_fraction": round(raw["padding_fraction"], 4),
         "pipeline_bytes_per_s": round(n_bytes / pipe_seconds),
         "pipeline_seconds": round(pipe_seconds, 1),
-        "pipeline_padding_fraction": round(record["padding_fraction"], 4),
+        "pipeline_padding_fraction": round(record["job_metrics"]["padding_fraction"], 4),
         "pipeline_over_raw": round((n_bytes / pipe_seconds) / raw["tokens_per_s"], 3),
         "model_bpb": round(record["bpb"]["model"], 4),
         "pipeline_with_coding_bytes_per_s": round(n_bytes / coded_seconds),

@@ -11,17 +11,16 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
-import platform
 import sys
 import time
-from importlib import metadata
 from importlib import resources
 from pathlib import Path
 
 import apache_beam as beam
 import fsspec
-from apache_beam.options.pipeline_options import PipelineOptions, SetupOptions
+from apache_beam.options.pipeline_options import GoogleCloudOptions, PipelineOptions, SetupOptions, TestOptions
 
+from lmc_audit.pipelines.run_record import WriteRunRecord, read_record, write_record
 from lmc_audit.transforms.chunking import DEFAULT_CHUNK_BYTES, ChunkDocuments
 from lmc_audit.transforms.listing import FORMATS, list_shards
 from lmc_audit.transforms.decoding import VerifyPayloads
@@ -33,11 +32,9 @@ from lmc_audit.transforms.model_loading import (BUNDLED, model_fingerprint, reso
                                                 validate_model_spec)
 from lmc_audit.transforms.read_corpus import DEAD_LETTER, NAMESPACE, ReadCorpus
 from lmc_audit.transforms.scoring import ScoreChunks
-from lmc_audit.transforms.signals import SIGNALS, SignalOptions
+from lmc_audit.transforms.signals import SignalOptions
 
 MANIFEST_DIRS = ("chunks", "documents", "shards", "dead_letter", "payloads", "duplicates")
-PACKAGES = ("lmc-audit", "apache-beam", "torch", "transformers", "tokenizers", "safetensors",
-            "pyarrow", "fsspec", "numpy", "zstandard")
 
 
 def bundled_sample_dir() -> str:
@@ -256,18 +253,12 @@ def plan_incremental(output: str, shards: list, fingerprint: str) -> tuple[dict,
     return commit, to_read, kept
 
 
-def package_versions() -> dict[str, str]:
-    out = {"python": platform.python_version()}
-    for name in PACKAGES:
-        try:
-            out[name] = metadata.version(name)
-        except metadata.PackageNotFoundError:
-            pass
-    return out
-
-
 def run(argv: list[str] | None = None, test_pipeline: beam.Pipeline | None = None) -> dict:
-    """Runs the audit; returns the run record (also written to OUTPUT/run.json)."""
+    """Runs the audit; returns the run record (OUTPUT/run.json, written by the job's last step).
+
+    Where the runner only builds or submits the job (a Flex Template launch,
+    ``--dry_run``), returns ``{"submitted": True, ...}`` at once.
+    """
     args, beam_args = build_parser().parse_known_args(argv)
     validate(args)
     started = time.time()
@@ -308,21 +299,40 @@ def run(argv: list[str] | None = None, test_pipeline: beam.Pipeline | None = Non
         manifest_inputs.append(chunks | "ScoreReference" >> scorer(args.reference_model, None))
     dedup = dedup_options(args)
     find_duplicates = FindDuplicates(dedup, scorer(args.model, None)) if dedup else None
-    _ = tuple(manifest_inputs) | "WriteManifests" >> WriteManifests(args.output, signal_options(args),
+    written = tuple(manifest_inputs) | "WriteManifests" >> WriteManifests(args.output, signal_options(args),
                                                                    find_duplicates, dedup, commit, committed)
+    record_inputs = {"written": written, "documents": read.main, "dead_letters": dead_letters}
     if args.coding and args.verify_fraction > 0:
-        _ = scored | "VerifyPayloads" >> VerifyPayloads(args.model, args.verify_fraction, args.device,
-                                                         args.trust_remote_code, args.coding_rows)
-    result = pipeline.run()
-    result.wait_until_finish()
+        record_inputs["verification"] = scored | "VerifyPayloads" >> VerifyPayloads(
+            args.model, args.verify_fraction, args.device, args.trust_remote_code, args.coding_rows)
     # Committed shards were not read: their records count as their documents and dead letters.
     kept_records = sum(row["documents"] + row["dead_letters"] for _, _, row in committed)
-    record = write_run_record(args, beam_args, result, fingerprint, model_dir, len(listing_errors) + kept_records,
-                              time.time() - started, skipped_shards=len(committed))
-    if args.report:
-        from lmc_audit.pipelines.report import write_report
+    model = {"spec": args.model, "name": Path(model_dir).name if args.model == BUNDLED else args.model,
+             "fingerprint": fingerprint}
+    job = {"model": model, "options": {k: v for k, v in sorted(vars(args).items())}, "beam_options": beam_args,
+           "kept_shards": len(committed)}
+    _ = record_inputs | "WriteRunRecord" >> WriteRunRecord(args.output, job, kept_records, started, args.report)
 
-        write_report(args.output, f"{args.output.rstrip('/')}/report.html")
+    result = pipeline.run()
+    if builds_job_only(pipeline.options, result):
+        # A Flex Template launch or a dry run: the job runs elsewhere and writes run.json when done.
+        print(f"[lmc-audit] job built{' and submitted' if not pipeline.options.view_as(TestOptions).dry_run else ''};"
+              f" {args.output.rstrip('/')}/run.json appears when it completes", file=sys.stderr)
+        return {"submitted": True, "output": args.output}
+    result.wait_until_finish()
+    record = read_record(args.output)
+    job_metrics = collect_job_metrics(result)
+    if job_metrics:
+        record["job_metrics"] = job_metrics
+        write_record(args.output, record)
+    coding = record["coding"]
+    if coding and coding["verification_failed"]:
+        print(f"[lmc-audit] ERROR: {coding['verification_failed']} payloads did not decode to their chunk: "
+              f"{', '.join(coding['failed_chunks'][:10])}", file=sys.stderr)
+    counts = record["counts"]
+    if not counts["reconciled"]:
+        print(f"[lmc-audit] WARNING: {counts['input_records']} input records but {counts['documents']} documents "
+              f"+ {counts['dead_letters']} dead letters", file=sys.stderr)
     if not args.quiet:
         from lmc_audit.pipelines.summary import print_summary
 
@@ -330,86 +340,26 @@ def run(argv: list[str] | None = None, test_pipeline: beam.Pipeline | None = Non
     return record
 
 
-def _counter(result, name: str) -> int:
-    try:
-        metrics = result.metrics().query(beam.metrics.MetricsFilter().with_namespace(NAMESPACE).with_name(name))
-        return int(sum(c.committed or 0 for c in metrics["counters"]))
-    except Exception:
-        return -1
+def builds_job_only(options: PipelineOptions, result) -> bool:
+    """True when ``pipeline.run()`` only built (or submitted) a job that will not run in this process."""
+    if options.view_as(TestOptions).dry_run or options.view_as(GoogleCloudOptions).template_location:
+        return True
+    return getattr(result, "has_job", True) is False
 
 
-def write_run_record(args, beam_args, result, fingerprint: str, model_dir: str, listing_errors: int,
-                     wall_s: float, skipped_shards: int = 0) -> dict:
-    import pyarrow.dataset as ds
+def collect_job_metrics(result) -> dict:
+    """Beam counters of the finished job (padding, dedup pairs); empty where the runner keeps none."""
+    def counter(name: str) -> int | None:
+        try:
+            found = result.metrics().query(beam.metrics.MetricsFilter().with_namespace(NAMESPACE)
+                                           .with_name(name))["counters"]
+        except Exception:
+            return None
+        return int(sum(c.committed or 0 for c in found)) if found else None
 
-    fs, root = fsspec.core.url_to_fs(args.output)
-    shards = ds.dataset(f"{root.rstrip('/')}/shards", filesystem=fs, format="parquet").to_table().to_pylist()
-    documents = sum(r["documents"] for r in shards)
-    dead = sum(r["dead_letters"] for r in shards)
-    records_in = _counter(result, "input_records") + listing_errors
-    padded, real = _counter(result, "padded_positions"), _counter(result, "scored_positions")
-    failed_names: list[str] = []
-    try:
-        sets = result.metrics().query(beam.metrics.MetricsFilter().with_namespace(NAMESPACE)
-                                      .with_name("payloads_failed_chunks"))["string_sets"]
-        failed_names = sorted(set().union(*(m.committed or set() for m in sets)))
-    except Exception:
-        pass
-    total_bytes = sum(r["bytes"] for r in shards)
-    scored_bytes = sum(r["scored_bytes"] for r in shards)
-    bits = sum(r["bits"] for r in shards)
-
-    def weighted(col: str) -> float | None:
-        return sum((r[col] or 0) * r["bytes"] for r in shards) / total_bytes if total_bytes else None
-
-    record = {
-        "model": {"spec": args.model, "name": Path(model_dir).name if args.model == BUNDLED else args.model,
-                  "fingerprint": fingerprint},
-        "options": {k: v for k, v in sorted(vars(args).items())},
-        "beam_options": beam_args,
-        "versions": package_versions(),
-        "counts": {
-            "shards": sum(1 for r in shards if r["documents"] or r["chunks"]),
-            "shards_kept_from_earlier_runs": skipped_shards,
-            "input_records": records_in,
-            "documents": documents,
-            "dead_letters": dead,
-            "reconciled": records_in == documents + dead,
-            "chunks": sum(r["chunks"] for r in shards),
-            "flagged_chunks": sum(r["flagged_chunks"] for r in shards),
-            "bytes": total_bytes,
-            "scored_bytes": scored_bytes,
-            "bits": bits,
-        },
-        "bpb": {"model": bits / scored_bytes if scored_bytes else None,
-                "zlib": weighted("zlib_bpb"), "zstd": weighted("zstd_bpb"), "xz": weighted("xz_bpb")},
-        "signals": {"min_k": args.min_k, "flagged_documents": sum(r["flagged_documents"] for r in shards),
-                    **{f"flagged_{name}": sum(r[f"flagged_{name}"] for r in shards) for name in SIGNALS}},
-        "duplicates": None if not args.dedup else {
-            "dropped_exact": sum(r["exact_duplicates"] for r in shards),
-            "dropped_near": sum(r["near_duplicates"] for r in shards),
-            "candidate_pairs": max(_counter(result, "dedup_candidate_pairs"), 0),
-            "verified_pairs": max(_counter(result, "dedup_verified_pairs"), 0),
-        },
-        "padding_fraction": padded / (padded + real) if padded >= 0 and real > 0 else None,
-        "coding": None if not args.coding else {
-            "precision": args.precision, "rows": args.coding_rows, "block": args.coding_block,
-            "coded_bits": sum(r["coded_bits"] or 0 for r in shards),
-            "coded_bpb": (sum(r["coded_bits"] or 0 for r in shards) / total_bytes) if total_bytes else None,
-            "overhead_vs_ideal": ((sum(r["coded_bits"] or 0 for r in shards) - bits) / bits) if bits else None,
-            "verify_fraction": args.verify_fraction,
-            "verified": max(_counter(result, "payloads_verified"), 0),
-            "verification_failed": max(_counter(result, "payloads_failed"), 0),
-            "failed_chunks": failed_names,
-        },
-        "wall_seconds": round(wall_s, 2),
-    }
-    with fs.open(f"{root.rstrip('/')}/run.json", "w") as f:
-        f.write(json.dumps(record, indent=2, default=str) + "\n")
-    if record["coding"] and record["coding"]["verification_failed"]:
-        print(f"[lmc-audit] ERROR: {record['coding']['verification_failed']} payloads did not decode to their "
-              f"chunk: {', '.join(failed_names[:10])}", file=sys.stderr)
-    if not record["counts"]["reconciled"]:
-        print(f"[lmc-audit] WARNING: {records_in} input records but {documents} documents + {dead} dead letters",
-              file=sys.stderr)
-    return record
+    padded, real = counter("padded_positions"), counter("scored_positions")
+    out = {"padding_fraction": padded / (padded + real) if padded is not None and real else None,
+           "dedup_candidate_pairs": counter("dedup_candidate_pairs"),
+           "dedup_verified_pairs": counter("dedup_verified_pairs"),
+           "dedup_capped_buckets": counter("dedup_capped_buckets")}
+    return {k: v for k, v in out.items() if v is not None}

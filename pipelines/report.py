@@ -108,13 +108,15 @@ white-space:pre-wrap;word-break:break-all}.figs{display:flex;flex-wrap:wrap;gap:
 """
 
 
-def render(manifests: str) -> str:
+def render(manifests: str, run: dict | None = None) -> str:
+    """``run``: the run record; read from ``run.json`` when not given."""
     docs = read_manifest(manifests, "documents")
     shards = read_manifest(manifests, "shards")
     dups = read_manifest(manifests, "duplicates")
     fs, root = fsspec.core.url_to_fs(manifests)
     run_path = f"{root.rstrip('/')}/run.json"
-    run = json.loads(fs.cat_file(run_path)) if fs.exists(run_path) else {}
+    if run is None:
+        run = json.loads(fs.cat_file(run_path)) if fs.exists(run_path) else {}
     docs.sort(key=lambda d: (d["shard"], d["position"], d["doc_id"]))
     hist, scatter = _plots(docs)
 
@@ -176,8 +178,8 @@ flagged by any memorization signal are marked.</figcaption></figure></div>
 """
 
 
-def write_report(manifests: str, output: str) -> str:
-    text = render(manifests)
+def write_report(manifests: str, output: str, run: dict | None = None) -> str:
+    text = render(manifests, run)
     with fsspec.open(output, "w", encoding="utf-8") as f:
         f.write(text)
     return output

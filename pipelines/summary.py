@@ -41,8 +41,10 @@ def print_summary(output: str) -> None:
                                      f"Min-K%++ {sig['flagged_min_k_pp']}, reference {sig['flagged_reference_diff']})"))
     dup = record.get("duplicates")
     if dup:
-        rows.append(("duplicates", f"{dup['dropped_exact']:,} exact + {dup['dropped_near']:,} near dropped "
-                                   f"({dup['verified_pairs']:,} of {dup['candidate_pairs']:,} candidate pairs verified)"))
+        jm = record.get("job_metrics", {})
+        pairs = (f" ({jm['dedup_verified_pairs']:,} of {jm['dedup_candidate_pairs']:,} candidate pairs verified)"
+                 if "dedup_candidate_pairs" in jm and "dedup_verified_pairs" in jm else "")
+        rows.append(("duplicates", f"{dup['dropped_exact']:,} exact + {dup['dropped_near']:,} near dropped{pairs}"))
     rows.append(("wall time", f"{record['wall_seconds']:.1f} s"))
     width = max(len(k) for k, _ in rows)
     print()

@@ -1,14 +1,21 @@
-"""deploy/: the Flex Template metadata is current and its parameters map back to the command's options."""
+"""deploy/: the Flex Template metadata is current, its parameters map back to the command's options, and
+the Dataflow settings in deploy/dataflow.env give a job DataflowRunner accepts (built offline, not submitted)."""
 
 from __future__ import annotations
 
 import importlib.util
 import json
+import os
+import subprocess
 from pathlib import Path
 
-from lmc_audit.pipelines.audit import build_parser
+import apache_beam as beam
+from apache_beam.options.pipeline_options import PipelineOptions
+
+from lmc_audit.pipelines.audit import build_parser, bundled_sample_dir, run
 
 DEPLOY = Path(__file__).resolve().parents[1] / "deploy"
+SAMPLE = bundled_sample_dir()
 
 
 def _flex():
@@ -37,3 +44,60 @@ def test_parameters_become_run_options():
                     "--chunk-bytes=4096", "--runner=DataflowRunner", "--scoring-accelerator=type:nvidia-l4;count:1"]
     args, beam_args = build_parser().parse_known_args(argv)
     assert args.coding is False and args.chunk_bytes == 4096 and beam_args == ["--runner=DataflowRunner"]
+
+
+def _dataflow_env() -> dict[str, str]:
+    """deploy/dataflow.env's settings, as launch.sh sees them."""
+    names = "IMAGE GPU_SERVICE_OPTIONS GPU_EXPERIMENTS GPU_MACHINE RIGHT_FIT_ACCELERATOR CPU_MACHINE"
+    script = f"source {DEPLOY / 'dataflow.env'} && for n in {names}; do echo \"$n=${{!n}}\"; done"
+    out = subprocess.run(["bash", "-c", script], env={**os.environ, "PROJECT": "my-project",
+                                                      "BUCKET": "gs://lmc-audit-test"},
+                         capture_output=True, text=True, check=True).stdout
+    return dict(line.split("=", 1) for line in out.splitlines())
+
+
+def _dataflow_flags(env: dict[str, str], *extra: str) -> list[str]:
+    # --dry_run: DataflowRunner translates and validates the whole job, then stops before any API call.
+    return ["--runner=DataflowRunner", "--dry_run=True", "--project=my-project", "--region=us-central1",
+            "--temp_location=gs://lmc-audit-test/temp", f"--sdk_container_image={env['IMAGE']}", *extra]
+
+
+def test_dataflow_right_fitting_job_asks_for_a_gpu_only_where_it_scores(tmp_path):
+    """The job graph Dataflow would get: GPU hint on the scoring steps only, the image everywhere, and
+    the program returns once the job is built (as under a Flex Template launcher), writing nothing."""
+    env = _dataflow_env()
+    out = tmp_path / "out"
+    flags = _dataflow_flags(env, f"--machine_type={env['CPU_MACHINE']}")
+    pipeline = beam.Pipeline(options=PipelineOptions(flags))
+    record = run(["--sample", "--output", str(out), "--quiet",
+                  f"--scoring-accelerator={env['RIGHT_FIT_ACCELERATOR']}", *flags], test_pipeline=pipeline)
+    assert record == {"submitted": True, "output": str(out)}
+    assert not out.exists(), "a launcher must not write run.json or manifests: the job has not run"
+
+    proto = pipeline.runner.job.proto_pipeline
+    envs = proto.components.environments
+    assert {e.urn for e in envs.values()} == {"beam:env:docker:v1"}
+    assert all(env["IMAGE"].encode() in e.payload for e in envs.values())
+    hinted, plain = set(), set()
+    for t in proto.components.transforms.values():
+        if t.environment_id:
+            hints = envs[t.environment_id].resource_hints
+            (hinted if "beam:resources:accelerator:v1" in hints else plain).add(t.unique_name)
+            if t.unique_name in hinted:
+                assert hints["beam:resources:accelerator:v1"] == env["RIGHT_FIT_ACCELERATOR"].encode()
+    assert hinted and all(n.split("/")[0] == "ScoreChunks" or "ScoreConcatenations" in n.split("/")
+                          for n in hinted)
+    assert any(n.startswith("ReadCorpus/") for n in plain) and any(n.startswith("WriteManifests/") for n in plain)
+    assert any(n.startswith("WriteRunRecord/") for n in plain)
+
+
+def test_flex_template_launch_of_the_whole_gpu_job_builds_and_returns(tmp_path):
+    """The launcher's path: template parameters -> flags -> a Dataflow job with GPU workers, built offline."""
+    env = _dataflow_env()
+    out = tmp_path / "out"
+    params = [f"--input={SAMPLE}", f"--output={out}", "--incremental=true",
+              *_dataflow_flags(env, f"--machine_type={env['GPU_MACHINE']}",
+                               f"--experiments={env['GPU_EXPERIMENTS']}",
+                               f"--dataflow_service_options={env['GPU_SERVICE_OPTIONS']}")]
+    assert _flex().main(params) == 0
+    assert not out.exists()

@@ -58,7 +58,7 @@ def test_sample_corpus_end_to_end(sample_run):
         assert s["min_doc_bpb"] <= s["median_doc_bpb"] <= s["max_doc_bpb"]
     total_bits = sum(c["bits"] for c in chunks)
     assert record["bpb"]["model"] == pytest.approx(total_bits / sample_bytes, rel=1e-9)
-    assert 0 <= record["padding_fraction"] < 0.05
+    assert 0 <= record["job_metrics"]["padding_fraction"] < 0.05
     assert record["model"]["fingerprint"] and len(record["model"]["fingerprint"]) == 64
 
 
