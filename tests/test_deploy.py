@@ -7,6 +7,7 @@ import importlib.util
 import json
 import os
 import subprocess
+import sys
 from pathlib import Path
 
 import apache_beam as beam
@@ -101,3 +102,50 @@ def test_flex_template_launch_of_the_whole_gpu_job_builds_and_returns(tmp_path):
                                f"--dataflow_service_options={env['GPU_SERVICE_OPTIONS']}")]
     assert _flex().main(params) == 0
     assert not out.exists()
+
+
+def _launch(tmp_path, *args: str) -> list[str]:
+    """Runs deploy/launch.sh with a `gcloud` on PATH that records its arguments (no cloud is reached)."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir(exist_ok=True)
+    record = tmp_path / "gcloud-args.json"
+    (bin_dir / "gcloud").write_text(f"#!{sys.executable}\nimport json, sys\n"
+                                    f"json.dump(sys.argv[1:], open({str(record)!r}, 'w'))\n")
+    (bin_dir / "gcloud").chmod(0o755)
+    env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "PROJECT": "my-project",
+           "BUCKET": "gs://lmc-audit-test"}
+    subprocess.run(["bash", str(DEPLOY / "launch.sh"), *args], env=env, check=True)
+    return json.loads(record.read_text())
+
+
+def _template_parameters(gcloud_args: list[str]) -> list[str]:
+    """--parameters as the launcher passes them to flex_template.py: gcloud's ``^D^`` prefix sets the delimiter."""
+    out = []
+    for i, a in enumerate(gcloud_args):
+        if a == "--parameters":
+            value = gcloud_args[i + 1]
+            delimiter = ","
+            if value.startswith("^"):
+                delimiter, value = value[1:].split("^", 1)
+            out += [f"--{kv}" for kv in value.split(delimiter)]
+    return out
+
+
+def test_launch_script_passes_parameters_that_become_the_intended_run(tmp_path):
+    env = _dataflow_env()
+    args = _launch(tmp_path, "right-fit", "gs://corpus/a/*.jsonl.zst,gs://corpus/b/*.parquet", "gs://audits/c",
+                   "incremental=true", "chunk_bytes=4096")
+    assert args[:3] == ["dataflow", "flex-template", "run"]
+    assert args[args.index("--worker-machine-type") + 1] == env["CPU_MACHINE"]
+    params = _template_parameters(args)
+    run_args, beam_args = build_parser().parse_known_args(_flex().to_run_argv(params))
+    assert run_args.input == ["gs://corpus/a/*.jsonl.zst", "gs://corpus/b/*.parquet"]
+    assert run_args.output == "gs://audits/c" and run_args.incremental and run_args.chunk_bytes == 4096
+    assert run_args.scoring_accelerator == env["RIGHT_FIT_ACCELERATOR"]
+    assert beam_args == [f"--sdk_container_image={env['IMAGE']}"]
+
+    gpu = _launch(tmp_path, "gpu", "gs://corpus/*.jsonl", "gs://audits/d")
+    assert gpu[gpu.index("--additional-experiments") + 1] == env["GPU_EXPERIMENTS"]
+    run_args, beam_args = build_parser().parse_known_args(_flex().to_run_argv(_template_parameters(gpu)))
+    assert run_args.scoring_accelerator is None
+    assert f"--dataflow_service_options={env['GPU_SERVICE_OPTIONS']}" in beam_args
