@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gzip
+import hashlib
 import json
 import subprocess
 import sys
@@ -109,11 +110,23 @@ def test_corrupt_payload_and_wrong_model_fail_clearly(tiny_byte_model, tiny_bpe_
     assert isinstance(got, PayloadError) and "another environment" in str(got) and "9.9" in str(got)
 
 
-def test_verification_sample_is_fixed_and_sized():
-    picked = [selected_for_verification(f"doc{i}", 0, 0.1) for i in range(5000)]
-    assert picked == [selected_for_verification(f"doc{i}", 0, 0.1) for i in range(5000)]
+def _chunk(data: bytes, doc_id: str = "/some/checkout/shard.jsonl#3", position: int = 3, index: int = 1) -> Chunk:
+    return Chunk(doc_id, "/some/checkout/shard.jsonl", 0, position, index, 0, data, hashlib.sha256(data).digest(),
+                 0, 0, 0)
+
+
+def test_verification_sample_is_fixed_sized_and_independent_of_paths():
+    chunks = [_chunk(f"text {i}".encode()) for i in range(5000)]
+    picked = [selected_for_verification(c, 0.1) for c in chunks]
     assert 400 < sum(picked) < 600
-    assert all(selected_for_verification("x", i, 1.0) for i in range(10))
+    # The same bytes under another checkout's path: the same sample.
+    moved = [_chunk(c.data, doc_id="/elsewhere/shard.jsonl#3") for c in chunks]
+    assert picked == [selected_for_verification(c, 0.1) for c in moved]
+    assert all(selected_for_verification(c, 1.0) for c in chunks[:10])
+    assert not any(selected_for_verification(c, 0.0) for c in chunks[:10])
+    # Every shard's first chunk is always in it, so each shard is checked at least once.
+    assert all(selected_for_verification(_chunk(c.data, position=0, index=0), 1e-9) for c in chunks[:50])
+    assert not all(selected_for_verification(_chunk(c.data, position=0, index=1), 1e-9) for c in chunks[:50])
 
 
 def test_safe_names_are_unique_and_safe():
@@ -149,7 +162,14 @@ def test_every_sample_chunk_decodes_exactly(coded_sample, tmp_path):
     chunks = ds.dataset(out / "chunks", format="parquet").to_table().to_pylist()
     payloads = ds.dataset(out / "payloads", format="parquet").to_table().to_pylist()
     assert len(payloads) == len(chunks) == record["counts"]["chunks"]
-    assert record["coding"]["verified"] > 0 and record["coding"]["verification_failed"] == 0
+    assert record["coding"]["verification_failed"] == 0
+    # The job verified exactly the chunks the sample rule picks (counted in the job, not from metrics).
+    position = {d["doc_id"]: d["position"] for d in ds.dataset(out / "documents", format="parquet").to_table()
+                .to_pylist()}
+    picked = sum(selected_for_verification(Chunk(c["doc_id"], c["shard"], 0, position[c["doc_id"]],
+                                                 c["chunk_index"], c["offset"], b"", c["sha256"], 0, 0, 0), 0.05)
+                 for c in chunks)
+    assert record["coding"]["verified"] == picked >= record["counts"]["shards"]
     # Coded size against the ideal: at most ideal + 0.1% + 32 bits per chunk.
     for c in chunks:
         assert c["coded_bits"] <= c["bits"] * 1.001 + 32

@@ -8,7 +8,6 @@ decoding, the length and CRC32 of the bytes are checked too.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 from collections.abc import Iterator, Sequence
 
@@ -20,7 +19,7 @@ from lmc_audit.transforms.block_coding import BlockCoder
 from lmc_audit.transforms.model_handler import CausalLMHandler, LoadedModel, pick_device
 from lmc_audit.transforms.model_loading import model_fingerprint, resolve_model_dir
 from lmc_audit.transforms.payloads import METHOD_STORED, Header, PayloadError, Recipe, crc32, unpack
-from lmc_audit.transforms.records import ScoredChunk
+from lmc_audit.transforms.records import Chunk, ScoredChunk
 from lmc_audit.transforms.tokenization import ChunkTokenizer
 
 NAMESPACE = "lmc_audit"
@@ -120,12 +119,15 @@ def chunk_name(doc_id: str, chunk_index: int) -> str:
     return f"chunk {chunk_index} of document {doc_id!r}"
 
 
-def selected_for_verification(doc_id: str, chunk_index: int, fraction: float) -> bool:
-    """A fixed, reproducible sample: the same chunks are verified on every run."""
-    if fraction >= 1.0:
+def selected_for_verification(chunk: Chunk, fraction: float) -> bool:
+    """A fixed sample, the same on every run and every machine: the first chunk of each shard, and the
+    chunks whose content hash falls under ``fraction``. Content, not document ids, picks them: default
+    ids hold the input's path, which differs between checkouts and buckets."""
+    if fraction <= 0.0:
+        return False
+    if fraction >= 1.0 or (chunk.position == 0 and chunk.chunk_index == 0):
         return True
-    digest = hashlib.sha256(f"{doc_id}\0{chunk_index}".encode()).digest()
-    return int.from_bytes(digest[:8], "big") < fraction * 2**64
+    return int.from_bytes(chunk.sha256[:8], "big") < fraction * 2**64
 
 
 class VerifyPayloadsFn(beam.DoFn):
@@ -168,8 +170,8 @@ class VerifyPayloads(beam.PTransform):
         fraction = self._fraction
         return (
             scored
-            | "PickSample" >> beam.Filter(lambda s: s.payload is not None and selected_for_verification(
-                s.chunk.doc_id, s.chunk.chunk_index, fraction))
+            | "PickSample" >> beam.Filter(lambda s: s.payload is not None
+                                          and selected_for_verification(s.chunk, fraction))
             | "Batch" >> beam.BatchElements(min_batch_size=1, max_batch_size=self._batch_rows)
             | "Decode" >> beam.ParDo(self._fn)
         )
