@@ -15,7 +15,7 @@ for kv in "$@"; do params="${params}~${kv}"; done
 case "$mode" in
   gpu)       extra=(--worker-machine-type "$GPU_MACHINE" --additional-experiments "$GPU_EXPERIMENTS")
              params="${params}~dataflow_service_options=${GPU_SERVICE_OPTIONS}" ;;
-  right-fit) extra=(--worker-machine-type "$CPU_MACHINE")
+  right-fit) extra=(--worker-machine-type "$CPU_MACHINE" --additional-experiments "$RIGHT_FIT_EXPERIMENTS")
              params="${params}~scoring_accelerator=${RIGHT_FIT_ACCELERATOR}" ;;
   cpu)       extra=(--worker-machine-type "$CPU_MACHINE") ;;
   *) echo "mode must be gpu, right-fit or cpu" >&2; exit 2 ;;

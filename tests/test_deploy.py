@@ -49,7 +49,8 @@ def test_parameters_become_run_options():
 
 def _dataflow_env() -> dict[str, str]:
     """deploy/dataflow.env's settings, as launch.sh sees them."""
-    names = "IMAGE GPU_SERVICE_OPTIONS GPU_EXPERIMENTS GPU_MACHINE RIGHT_FIT_ACCELERATOR CPU_MACHINE"
+    names = ("IMAGE GPU_SERVICE_OPTIONS GPU_EXPERIMENTS GPU_MACHINE RIGHT_FIT_ACCELERATOR RIGHT_FIT_EXPERIMENTS "
+             "CPU_MACHINE")
     script = f"source {DEPLOY / 'dataflow.env'} && for n in {names}; do echo \"$n=${{!n}}\"; done"
     out = subprocess.run(["bash", "-c", script], env={**os.environ, "PROJECT": "my-project",
                                                       "BUCKET": "gs://lmc-audit-test"},
@@ -68,7 +69,8 @@ def test_dataflow_right_fitting_job_asks_for_a_gpu_only_where_it_scores(tmp_path
     the program returns once the job is built (as under a Flex Template launcher), writing nothing."""
     env = _dataflow_env()
     out = tmp_path / "out"
-    flags = _dataflow_flags(env, f"--machine_type={env['CPU_MACHINE']}")
+    flags = _dataflow_flags(env, f"--machine_type={env['CPU_MACHINE']}",
+                            f"--experiments={env['RIGHT_FIT_EXPERIMENTS']}")
     pipeline = beam.Pipeline(options=PipelineOptions(flags))
     record = run(["--sample", "--output", str(out), "--quiet",
                   f"--scoring-accelerator={env['RIGHT_FIT_ACCELERATOR']}", *flags], test_pipeline=pipeline)
@@ -104,8 +106,8 @@ def test_flex_template_launch_of_the_whole_gpu_job_builds_and_returns(tmp_path):
     assert not out.exists()
 
 
-def _launch(tmp_path, *args: str) -> list[str]:
-    """Runs deploy/launch.sh with a `gcloud` on PATH that records its arguments (no cloud is reached)."""
+def _launch(tmp_path, *args: str, script: str = "launch.sh") -> list[str]:
+    """Runs a deploy/ script with a `gcloud` on PATH that records its arguments (no cloud is reached)."""
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir(exist_ok=True)
     record = tmp_path / "gcloud-args.json"
@@ -113,8 +115,8 @@ def _launch(tmp_path, *args: str) -> list[str]:
                                     f"json.dump(sys.argv[1:], open({str(record)!r}, 'w'))\n")
     (bin_dir / "gcloud").chmod(0o755)
     env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "PROJECT": "my-project",
-           "BUCKET": "gs://lmc-audit-test"}
-    subprocess.run(["bash", str(DEPLOY / "launch.sh"), *args], env=env, check=True)
+           "BUCKET": "gs://lmc-audit-test", "SA": "scheduler@my-project.iam.gserviceaccount.com"}
+    subprocess.run(["bash", str(DEPLOY / script), *args], env=env, check=True)
     return json.loads(record.read_text())
 
 
@@ -137,6 +139,7 @@ def test_launch_script_passes_parameters_that_become_the_intended_run(tmp_path):
                    "incremental=true", "chunk_bytes=4096")
     assert args[:3] == ["dataflow", "flex-template", "run"]
     assert args[args.index("--worker-machine-type") + 1] == env["CPU_MACHINE"]
+    assert args[args.index("--additional-experiments") + 1] == env["RIGHT_FIT_EXPERIMENTS"]
     params = _template_parameters(args)
     run_args, beam_args = build_parser().parse_known_args(_flex().to_run_argv(params))
     assert run_args.input == ["gs://corpus/a/*.jsonl.zst", "gs://corpus/b/*.parquet"]
@@ -149,3 +152,17 @@ def test_launch_script_passes_parameters_that_become_the_intended_run(tmp_path):
     run_args, beam_args = build_parser().parse_known_args(_flex().to_run_argv(_template_parameters(gpu)))
     assert run_args.scoring_accelerator is None
     assert f"--dataflow_service_options={env['GPU_SERVICE_OPTIONS']}" in beam_args
+
+
+def test_nightly_schedule_posts_a_launch_request_for_an_incremental_right_fit_run(tmp_path):
+    env = _dataflow_env()
+    args = _launch(tmp_path, "gs://corpus/*.jsonl.gz", "gs://audits/corpus", script="schedule/cloud_scheduler.sh")
+    assert args[:4] == ["scheduler", "jobs", "create", "http"]
+    assert args[args.index("--uri") + 1].endswith("/locations/us-central1/flexTemplates:launch")
+    body = json.loads(args[args.index("--message-body") + 1])["launchParameter"]
+    assert body["environment"]["additionalExperiments"] == [env["RIGHT_FIT_EXPERIMENTS"]]
+    params = [f"--{k}={v}" for k, v in body["parameters"].items()]
+    run_args, beam_args = build_parser().parse_known_args(_flex().to_run_argv(params))
+    assert run_args.incremental and run_args.input == ["gs://corpus/*.jsonl.gz"]
+    assert run_args.scoring_accelerator == env["RIGHT_FIT_ACCELERATOR"]
+    assert beam_args == [f"--sdk_container_image={env['IMAGE']}"]

@@ -30,7 +30,8 @@ with DAG("lmc_audit_nightly", schedule="0 3 * * *", start_date=pendulum.datetime
                 "scoring_accelerator": "type:nvidia-l4;count:1;install-nvidia-driver",
                 "sdk_container_image": "{{ var.value.lmc_audit_image }}",
             },
-            "environment": {"machineType": "n2-standard-8",
+            # One SDK process (one model copy) per VM: see deploy/dataflow.env.
+            "environment": {"machineType": "n2-standard-8", "additionalExperiments": ["no_use_multiple_sdk_containers"],
                             "tempLocation": "{{ var.value.lmc_audit_bucket }}/temp"},
         }},
     )

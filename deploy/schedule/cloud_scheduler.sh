@@ -11,7 +11,8 @@ body=$(cat <<JSON
   "containerSpecGcsPath": "${TEMPLATE}",
   "parameters": {"input": "${input}", "output": "${output}", "incremental": "true",
                  "scoring_accelerator": "${RIGHT_FIT_ACCELERATOR}", "sdk_container_image": "${IMAGE}"},
-  "environment": {"machineType": "${CPU_MACHINE}", "tempLocation": "${BUCKET}/temp",
+  "environment": {"machineType": "${CPU_MACHINE}", "additionalExperiments": ["${RIGHT_FIT_EXPERIMENTS}"],
+                  "tempLocation": "${BUCKET}/temp",
                   "stagingLocation": "${BUCKET}/staging"}}}
 JSON
 )
