@@ -23,6 +23,7 @@ from importlib import metadata
 import apache_beam as beam
 import fsspec
 
+from lmc_audit.transforms.manifests import write_bytes
 from lmc_audit.transforms.signals import SIGNALS
 
 log = logging.getLogger(__name__)
@@ -136,16 +137,7 @@ def read_record(output: str) -> dict:
 
 
 def write_record(output: str, record: dict) -> None:
-    """One whole file: a temporary name renamed into place locally, one PUT on object stores."""
-    fs, root = fsspec.core.url_to_fs(output)
-    root = root.rstrip("/")
-    text = json.dumps(record, indent=2, default=str) + "\n"
-    if "file" in fs.protocol:
-        tmp = f"{root}/.run.json.tmp"
-        fs.pipe_file(tmp, text.encode())
-        fs.mv(tmp, f"{root}/run.json")
-    else:
-        fs.pipe_file(f"{root}/run.json", text.encode())
+    write_bytes(output, "", "run.json", (json.dumps(record, indent=2, default=str) + "\n").encode())
 
 
 class WriteRunRecordFn(beam.DoFn):

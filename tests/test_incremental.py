@@ -90,3 +90,21 @@ def test_a_killed_job_started_again_gives_the_same_manifests(reference, tmp_path
     assert record["counts"]["shards_kept_from_earlier_runs"] == done
     assert record["counts"]["reconciled"]
     assert parquet_files(out) == expected
+
+
+def test_placeholders_go_once_a_later_run_brings_rows(tmp_path, tiny_byte_model):
+    """A first run with nothing to score leaves empty placeholder files; an incremental run that adds
+    documents removes them, so the folder holds exactly what one run over the final input holds."""
+    corpus, out = tmp_path / "corpus", tmp_path / "out"
+    corpus.mkdir()
+    (corpus / "part-00.jsonl").write_text('{"text": ""}\n')  # one empty document: a dead letter only
+    first = run(options(corpus, out, tiny_byte_model))
+    assert first["counts"]["documents"] == 0 and first["counts"]["dead_letters"] == 1
+    assert (out / "chunks" / "empty.parquet").exists() and (out / "documents" / "empty.parquet").exists()
+    write_shard(corpus, 1)
+    second = run(options(corpus, out, tiny_byte_model) + ["--incremental"])
+    assert second["counts"]["documents"] == 6 and second["counts"]["reconciled"]
+    assert not (out / "chunks" / "empty.parquet").exists() and not (out / "documents" / "empty.parquet").exists()
+    once = tmp_path / "once"
+    run(options(corpus, once, tiny_byte_model))
+    assert parquet_files(out) == parquet_files(once)

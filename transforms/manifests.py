@@ -43,6 +43,9 @@ def shard_part_name(shard: str) -> str:
     return f"part-{hashlib.sha1(shard.encode()).hexdigest()[:16]}.parquet"
 
 
+EMPTY = "empty.parquet"
+
+
 def write_table(output: str, manifest: str, name: str, rows: list[dict], schema: pa.Schema) -> None:
     table = pa.Table.from_pylist(rows, schema=schema)
     sink = pa.BufferOutputStream()
@@ -51,9 +54,9 @@ def write_table(output: str, manifest: str, name: str, rows: list[dict], schema:
 
 
 def write_bytes(output: str, manifest: str, name: str, data: bytes) -> None:
-    """Whole-file write: renamed into place locally, one PUT on object stores."""
+    """Whole-file write: renamed into place locally, one PUT on object stores. ``manifest`` "" is the root."""
     fs, root = fsspec.core.url_to_fs(output)
-    folder = f"{root.rstrip('/')}/{manifest}"
+    folder = f"{root.rstrip('/')}/{manifest}" if manifest else root.rstrip("/")
     fs.makedirs(folder, exist_ok=True)
     protocol = fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
     if protocol in ("file", "local"):
@@ -62,6 +65,13 @@ def write_bytes(output: str, manifest: str, name: str, data: bytes) -> None:
         fs.mv(tmp, f"{folder}/{name}")
     else:
         fs.pipe_file(f"{folder}/{name}", data)
+
+
+def remove_file(output: str, manifest: str, name: str) -> None:
+    fs, root = fsspec.core.url_to_fs(output)
+    path = f"{root.rstrip('/')}/{manifest}/{name}"
+    if fs.exists(path):
+        fs.rm(path)
 
 
 def _ratio(numerator: float | None, denominator: float) -> float | None:
@@ -298,12 +308,16 @@ class WriteShardsTable(beam.DoFn):
             r.update(exact_duplicates=exact, near_duplicates=near,
                      exact_duplicate_rate=_ratio(exact, r["documents"]), near_duplicate_rate=_ratio(near, r["documents"]))
         write_table(self._output, "shards", part_name(0), rows, schemas.SHARDS)
-        # Every manifest folder holds at least one file, so readers never fail on it.
-        if not any(r["documents"] for r in rows):
-            write_table(self._output, "chunks", "empty.parquet", [], schemas.CHUNKS)
-            write_table(self._output, "documents", "empty.parquet", [], schemas.DOCUMENTS)
-        if not any(r["dead_letters"] for r in rows):
-            write_table(self._output, "dead_letter", "empty.parquet", [], schemas.DEAD_LETTER)
+        # Every manifest folder holds at least one file, so readers never fail on it; a placeholder
+        # left by an earlier incremental run goes once the folder has rows.
+        has_documents, has_dead = any(r["documents"] for r in rows), any(r["dead_letters"] for r in rows)
+        for manifest, schema, empty in (("chunks", schemas.CHUNKS, not has_documents),
+                                        ("documents", schemas.DOCUMENTS, not has_documents),
+                                        ("dead_letter", schemas.DEAD_LETTER, not has_dead)):
+            if empty:
+                write_table(self._output, manifest, EMPTY, [], schema)
+            else:
+                remove_file(self._output, manifest, EMPTY)
         yield {"shards": len(rows)}
 
 
