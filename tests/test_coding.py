@@ -124,9 +124,6 @@ def test_verification_sample_is_fixed_sized_and_independent_of_paths():
     assert picked == [selected_for_verification(c, 0.1) for c in moved]
     assert all(selected_for_verification(c, 1.0) for c in chunks[:10])
     assert not any(selected_for_verification(c, 0.0) for c in chunks[:10])
-    # Every shard's first chunk is always in it, so each shard is checked at least once.
-    assert all(selected_for_verification(_chunk(c.data, position=0, index=0), 1e-9) for c in chunks[:50])
-    assert not all(selected_for_verification(_chunk(c.data, position=0, index=1), 1e-9) for c in chunks[:50])
 
 
 def test_safe_names_are_unique_and_safe():
@@ -169,7 +166,7 @@ def test_every_sample_chunk_decodes_exactly(coded_sample, tmp_path):
     picked = sum(selected_for_verification(Chunk(c["doc_id"], c["shard"], 0, position[c["doc_id"]],
                                                  c["chunk_index"], c["offset"], b"", c["sha256"], 0, 0, 0), 0.05)
                  for c in chunks)
-    assert record["coding"]["verified"] == picked >= record["counts"]["shards"]
+    assert record["coding"]["verified"] == picked > 0
     # Coded size against the ideal: at most ideal + 0.1% + 32 bits per chunk.
     for c in chunks:
         assert c["coded_bits"] <= c["bits"] * 1.001 + 32

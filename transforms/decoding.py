@@ -120,12 +120,12 @@ def chunk_name(doc_id: str, chunk_index: int) -> str:
 
 
 def selected_for_verification(chunk: Chunk, fraction: float) -> bool:
-    """A fixed sample, the same on every run and every machine: the first chunk of each shard, and the
-    chunks whose content hash falls under ``fraction``. Content, not document ids, picks them: default
-    ids hold the input's path, which differs between checkouts and buckets."""
+    """A fixed sample, the same on every run and every machine: the chunks whose content hash falls
+    under ``fraction``. Content, not document ids, picks them: default ids hold the input's path,
+    which differs between checkouts and buckets."""
     if fraction <= 0.0:
         return False
-    if fraction >= 1.0 or (chunk.position == 0 and chunk.chunk_index == 0):
+    if fraction >= 1.0:
         return True
     return int.from_bytes(chunk.sha256[:8], "big") < fraction * 2**64
 
