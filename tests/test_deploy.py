@@ -3,6 +3,7 @@ the Dataflow settings in deploy/dataflow.env give a job DataflowRunner accepts (
 
 from __future__ import annotations
 
+import ast
 import importlib.util
 import json
 import os
@@ -11,6 +12,7 @@ import sys
 from pathlib import Path
 
 import apache_beam as beam
+import yaml
 from apache_beam.options.pipeline_options import PipelineOptions
 
 from lmc_audit.pipelines.audit import build_parser, bundled_sample_dir, run
@@ -166,3 +168,32 @@ def test_nightly_schedule_posts_a_launch_request_for_an_incremental_right_fit_ru
     assert run_args.incremental and run_args.input == ["gs://corpus/*.jsonl.gz"]
     assert run_args.scoring_accelerator == env["RIGHT_FIT_ACCELERATOR"]
     assert beam_args == [f"--sdk_container_image={env['IMAGE']}"]
+
+
+def _literal_keyword(path: Path, call: str, keyword: str):
+    """A keyword argument of a call in a file, read without importing it (Airflow is not installed here)."""
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Call) and getattr(node.func, "id", None) == call:
+            return next(ast.literal_eval(k.value) for k in node.keywords if k.arg == keyword)
+    raise AssertionError(f"no {call}(...) in {path}")
+
+
+def test_airflow_dag_launches_an_incremental_right_fit_run_with_valid_parameters():
+    body = _literal_keyword(DEPLOY / "schedule" / "airflow_dag.py", "DataflowStartFlexTemplateOperator", "body")
+    launch = body["launchParameter"]
+    assert launch["environment"]["additionalExperiments"] == [_dataflow_env()["RIGHT_FIT_EXPERIMENTS"]]
+    params = [f"--{k}={v}" for k, v in launch["parameters"].items()]
+    run_args, beam_args = build_parser().parse_known_args(_flex().to_run_argv(params))
+    assert run_args.incremental and run_args.scoring_accelerator.startswith("type:nvidia-l4;count:1")
+    assert [a.split("=")[0] for a in beam_args] == ["--sdk_container_image"]
+
+
+def test_kubernetes_cronjob_runs_a_valid_incremental_command_on_several_worker_processes():
+    job = yaml.safe_load((DEPLOY / "schedule" / "cronjob.yaml").read_text())
+    assert job["kind"] == "CronJob" and job["spec"]["concurrencyPolicy"] == "Forbid"
+    (container,) = job["spec"]["jobTemplate"]["spec"]["template"]["spec"]["containers"]
+    assert container["command"] == ["lmc-audit", "run"]
+    run_args, beam_args = build_parser().parse_known_args(container["args"])
+    assert run_args.incremental and run_args.input[0].startswith("s3://") and run_args.output.startswith("s3://")
+    options = PipelineOptions(beam_args).get_all_options()
+    assert options["direct_running_mode"] == "multi_processing" and options["direct_num_workers"] == 8
