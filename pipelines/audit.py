@@ -20,7 +20,7 @@ import apache_beam as beam
 import fsspec
 from apache_beam.options.pipeline_options import GoogleCloudOptions, PipelineOptions, SetupOptions, TestOptions
 
-from lmc_audit.pipelines.run_record import WriteRunRecord, read_record, write_record
+from lmc_audit.pipelines.run_record import WriteRunRecord, read_record, verification_message, write_record
 from lmc_audit.transforms.chunking import DEFAULT_CHUNK_BYTES, ChunkDocuments
 from lmc_audit.transforms.listing import FORMATS, list_shards
 from lmc_audit.transforms.decoding import VerifyPayloads
@@ -313,22 +313,30 @@ def run(argv: list[str] | None = None, test_pipeline: beam.Pipeline | None = Non
            "kept_shards": len(committed)}
     _ = record_inputs | "WriteRunRecord" >> WriteRunRecord(args.output, job, kept_records, started, args.report)
 
-    result = pipeline.run()
-    if builds_job_only(pipeline.options, result):
-        # A Flex Template launch or a dry run: the job runs elsewhere and writes run.json when done.
-        print(f"[lmc-audit] job built{' and submitted' if not pipeline.options.view_as(TestOptions).dry_run else ''};"
-              f" {args.output.rstrip('/')}/run.json appears when it completes", file=sys.stderr)
-        return {"submitted": True, "output": args.output}
-    result.wait_until_finish()
-    record = read_record(args.output)
-    job_metrics = collect_job_metrics(result)
-    if job_metrics:
-        record["job_metrics"] = job_metrics
-        write_record(args.output, record)
+    try:
+        result = pipeline.run()
+        if builds_job_only(pipeline.options, result):
+            # A Flex Template launch or a dry run: the job runs elsewhere and writes run.json when done.
+            submitted = "" if pipeline.options.view_as(TestOptions).dry_run else " and submitted"
+            print(f"[lmc-audit] job built{submitted}; {args.output.rstrip('/')}/run.json appears when it completes",
+                  file=sys.stderr)
+            return {"submitted": True, "output": args.output}
+        result.wait_until_finish()
+    except Exception:
+        # The job's last step fails the job when payloads did not decode, after writing run.json
+        # (removed when this run started, so one that exists now is this run's).
+        record = _record_if_written(args.output)
+        if not (record and (record["coding"] or {}).get("verification_failed")):
+            raise
+    else:
+        record = read_record(args.output)
+        job_metrics = collect_job_metrics(result)
+        if job_metrics:
+            record["job_metrics"] = job_metrics
+            write_record(args.output, record)
     coding = record["coding"]
     if coding and coding["verification_failed"]:
-        print(f"[lmc-audit] ERROR: {coding['verification_failed']} payloads did not decode to their chunk: "
-              f"{', '.join(coding['failed_chunks'][:10])}", file=sys.stderr)
+        print(f"[lmc-audit] ERROR: {verification_message(coding)}", file=sys.stderr)
     counts = record["counts"]
     if not counts["reconciled"]:
         print(f"[lmc-audit] WARNING: {counts['input_records']} input records but {counts['documents']} documents "
@@ -338,6 +346,13 @@ def run(argv: list[str] | None = None, test_pipeline: beam.Pipeline | None = Non
 
         print_summary(args.output)
     return record
+
+
+def _record_if_written(output: str) -> dict | None:
+    try:
+        return read_record(output)
+    except (FileNotFoundError, ValueError):
+        return None
 
 
 def builds_job_only(options: PipelineOptions, result) -> bool:

@@ -8,13 +8,14 @@ record therefore comes from the job's own data: the shards manifest it wrote
 and counts taken as PCollections (records read, payloads verified), never from
 Beam metrics, which a running pipeline cannot read.
 
-``run.json`` is written last and is the completeness marker of an output.
+``run.json`` is written last and is the completeness marker of an output. When a
+verified payload did not decode to its chunk, the step raises after writing it,
+so that the job (a scheduled Dataflow job, say) ends as failed.
 """
 
 from __future__ import annotations
 
 import json
-import logging
 import platform
 import time
 from collections.abc import Iterator
@@ -25,8 +26,6 @@ import fsspec
 
 from lmc_audit.transforms.manifests import write_bytes
 from lmc_audit.transforms.signals import SIGNALS
-
-log = logging.getLogger(__name__)
 
 PACKAGES = ("lmc-audit", "apache-beam", "torch", "transformers", "tokenizers", "safetensors",
             "pyarrow", "fsspec", "numpy", "zstandard")
@@ -140,6 +139,15 @@ def write_record(output: str, record: dict) -> None:
     write_bytes(output, "", "run.json", (json.dumps(record, indent=2, default=str) + "\n").encode())
 
 
+class VerificationFailed(RuntimeError):
+    """Raised by the job's last step, after run.json and the report are written, so that the job fails."""
+
+
+def verification_message(coding: dict) -> str:
+    return (f"{coding['verification_failed']} payloads did not decode to their chunk: "
+            f"{', '.join(coding['failed_chunks'][:10])}")
+
+
 class WriteRunRecordFn(beam.DoFn):
     def __init__(self, output: str, job: dict, extra_records: int, started: float, report: bool):
         self._output, self._job, self._extra = output, job, extra_records
@@ -157,8 +165,8 @@ class WriteRunRecordFn(beam.DoFn):
         write_record(self._output, record)
         coding = record["coding"]
         if coding and coding["verification_failed"]:
-            log.error("%d payloads did not decode to their chunk: %s", coding["verification_failed"],
-                      ", ".join(coding["failed_chunks"][:10]))
+            # A scheduled job must show as failed, as `lmc-audit run` exits 1; the record is written first.
+            raise VerificationFailed(f"{verification_message(coding)} (see {self._output.rstrip('/')}/run.json)")
         yield record
 
 
