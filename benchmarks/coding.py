@@ -9,9 +9,14 @@
    lmc-audit's coder sees only (start, freq) pairs; its decode timing is the
    host side (slot, check, renormalize), the symbol search runs on the model's
    device. constriction sees whole distributions.
-2. The coding stage with the bundled model: encode and decode tokens/s of
-   16 sample chunks of 2048 bytes (one group), and the plain scoring forward
-   on the same chunks for reference.
+2. The coding stage with the bundled model on 16 sample chunks of 2048
+   bytes: the scoring forward with coding (schemes forward and blocks)
+   against the same forward without, and decoding the payloads (replay
+   windows of 4 and 8 positions; tokens decoded per row and forward).
+3. Whole jobs (one run each): the default job (coding, 1% verification)
+   against ``--no-coding`` on the sample and on a 2 MB corpus (Python's
+   standard library sources), and ``lmc-audit decode`` of every payload of
+   the sample job against the ``--no-coding`` job.
 """
 
 from __future__ import annotations
@@ -28,8 +33,7 @@ import torch
 
 from lmc_audit.pipelines.audit import bundled_sample_dir
 from lmc_audit.transforms import range_coder as rc
-from lmc_audit.transforms.block_coding import BlockCoder
-from lmc_audit.transforms.model_handler import CausalLMHandler, token_logprobs
+from lmc_audit.transforms.model_handler import CausalLMHandler
 from lmc_audit.transforms.quantize import pick, quantize
 
 PRECISION = 24
@@ -88,42 +92,136 @@ def bench_host(vocab: int, n: int) -> dict:
     return out
 
 
-def bench_stage(rows: int = 16, block: int = 16) -> dict:
-    lm = CausalLMHandler("bundled", device="cpu", dtype="float32").load_model()
+def _sample_items(rows: int):
+    from lmc_audit.transforms.records import Chunk, TokenizedChunk
+
     sample = b"".join(p.read_bytes() for p in sorted(Path(bundled_sample_dir()).glob("*.txt")))
-    chunks = [np.frombuffer(sample[i * 2048:(i + 1) * 2048], np.uint8).astype(np.int64) for i in range(rows)]
-    coder = BlockCoder(lm.model, lm.device, PRECISION, rows, block, 256, 256)
+    datas = [sample[i * 2048:(i + 1) * 2048] for i in range(rows)]
+    return datas, [TokenizedChunk(Chunk(f"d{i}", "s", 0, i, 0, 0, d, b"", 0, 0, 0), tuple(d), 256, 2048)
+                   for i, d in enumerate(datas)]
+
+
+def bench_stage(rows: int = 16, windows=(4, 8)) -> dict:
+    """The scoring forward with and without coding on the same chunks, and decoding their payloads."""
+    from lmc_audit.transforms.decoding import PayloadDecoder
+    from lmc_audit.transforms.model_handler import CodingOptions
+    from lmc_audit.transforms.model_loading import model_fingerprint, resolve_model_dir
+
+    datas, items = _sample_items(rows)
     tokens = rows * 2048
+    fp = model_fingerprint(resolve_model_dir("bundled"))
+    plain = CausalLMHandler("bundled", device="cpu", dtype="float32", max_batch_tokens=tokens)
+    out = {"rows": rows, "tokens": tokens}
+    lm = plain.load_model()
+    plain.run_inference(items[:1], lm)  # warm up
+    timings = {}
+    for name, scheme in (("forward", "forward"), ("blocks", "blocks")):
+        coder = CausalLMHandler("bundled", device="cpu", dtype="float32", max_batch_tokens=tokens,
+                                coding=CodingOptions(fp, PRECISION, 32, 8, scheme))
+        coded_lm = coder.load_model()
+        best_plain = best_coded = float("inf")
+        for _ in range(2):  # interleaved, best of two: the machine is shared
+            t0 = time.perf_counter()
+            plain.run_inference(items, lm)
+            best_plain = min(best_plain, time.perf_counter() - t0)
+            t0 = time.perf_counter()
+            scored = coder.run_inference(items, coded_lm)
+            best_coded = min(best_coded, time.perf_counter() - t0)
+        ideal = sum(s.bits for s in scored)
+        coded = sum(s.coded_bits for s in scored)
+        timings[name] = scored
+        out[f"{name}_encode_tokens_per_s"] = round(tokens / best_coded)
+        out[f"{name}_scoring_tokens_per_s"] = round(tokens / best_plain)
+        out[f"{name}_encode_over_scoring"] = round(best_plain / best_coded, 3)
+        out[f"{name}_coded_overhead"] = (coded - ideal) / ideal
+        out[f"{name}_max_excess_bits_per_chunk"] = max(s.coded_bits - s.bits * 1.001 for s in scored)
+    for name, scored in timings.items():
+        for window in (windows if name == "forward" else (None,)):
+            decoder = PayloadDecoder("bundled", "cpu", window=window or 4)
+            decoder.decode([scored[0].payload])  # load and warm up
+            decoder.stats = type(decoder.stats)()
+            t0 = time.perf_counter()
+            got = decoder.decode([s.payload for s in scored])
+            dec_s = time.perf_counter() - t0
+            assert got == datas, "round trip failed"
+            key = f"{name}_decode" + (f"_window{window}" if window else "")
+            out[f"{key}_tokens_per_s"] = round(tokens / dec_s)
+            out[f"{key}_forwards"] = decoder.stats.forwards
+            out[f"{key}_tokens_per_row_forward"] = round(decoder.stats.tokens_per_row_forward, 3)
+    return out
+
+
+def _corpus_2mb(root: Path) -> Path:
+    """At least 2 MB of real text available offline: the Python standard library's sources, as JSONL."""
+    import sysconfig
+
+    stdlib = Path(sysconfig.get_paths()["stdlib"])
+    folder = root / "stdlib2mb"
+    folder.mkdir(parents=True, exist_ok=True)
+    total, shard, lines = 0, 0, []
+    for path in sorted(stdlib.glob("*.py")):
+        text = path.read_text("utf-8", errors="replace")
+        lines.append(json.dumps({"id": path.name, "text": text}))
+        total += len(text.encode())
+        if len(lines) == 20:
+            (folder / f"part-{shard:03d}.jsonl").write_text("\n".join(lines) + "\n")
+            shard, lines = shard + 1, []
+        if total >= 2_100_000:
+            break
+    if lines:
+        (folder / f"part-{shard:03d}.jsonl").write_text("\n".join(lines) + "\n")
+    return folder
+
+
+def _job(args: list[str]) -> float:
+    import subprocess
+    import sys
+
     t0 = time.perf_counter()
-    enc = coder.encode(chunks, 2048)
-    enc_s = time.perf_counter() - t0
+    subprocess.run([sys.executable, "-m", "lmc_audit.pipelines.cli", "run", *args, "--overwrite", "--quiet"],
+                   check=True, capture_output=True)
+    return time.perf_counter() - t0
+
+
+def bench_jobs(workdir: Path) -> dict:
+    """Whole jobs, one run each: --no-coding against the default (coding, 1% verification), on the sample and
+    on a 2 MB corpus; and decoding every payload of the sample job with `lmc-audit decode`."""
+    import subprocess
+    import sys
+
+    out = {}
+    corpora = {"sample": ["--sample"], "stdlib_2mb": ["--input", str(_corpus_2mb(workdir)), "--id-field", "id"]}
+    for name, source in corpora.items():
+        scoring = _job([*source, "--output", str(workdir / f"{name}-nocoding"), "--no-coding"])
+        default = _job([*source, "--output", str(workdir / f"{name}-default")])
+        record = json.loads((workdir / f"{name}-default" / "run.json").read_text())
+        out[name] = {"bytes": record["counts"]["bytes"], "no_coding_job_s": round(scoring, 1),
+                     "default_job_s": round(default, 1), "default_over_no_coding": round(default / scoring, 3),
+                     "schemes": record["coding"]["schemes"], "verified": record["coding"]["verified"],
+                     "coded_overhead": record["coding"]["overhead_vs_ideal"]}
     t0 = time.perf_counter()
-    ids, forwards = coder.decode([e.stream for e in enc], [2048] * rows, 2048)
-    dec_s = time.perf_counter() - t0
-    assert all(np.array_equal(a, b) for a, b in zip(ids, chunks)), "round trip failed"
-    inputs = torch.full((rows, 2048), 256)
-    inputs[:, 1:] = torch.from_numpy(np.stack(chunks)[:, :-1])
-    with torch.inference_mode():
-        t0 = time.perf_counter()
-        token_logprobs(lm.model, inputs, torch.from_numpy(np.stack(chunks)))
-        fwd_s = time.perf_counter() - t0
-    ideal = sum(e.bits for e in enc)
-    coded = sum(8 * len(e.stream) for e in enc)
-    return {"rows": rows, "block": block, "tokens": tokens,
-            "encode_tokens_per_s": round(tokens / enc_s), "decode_tokens_per_s": round(tokens / dec_s),
-            "decode_over_encode": round(enc_s / dec_s, 4), "decode_forwards": forwards,
-            "plain_forward_tokens_per_s": round(tokens / fwd_s),
-            "coded_overhead": (coded - ideal) / ideal, "bpb": ideal / tokens}
+    proc = subprocess.run([sys.executable, "-m", "lmc_audit.pipelines.cli", "decode", "--payloads",
+                           str(workdir / "sample-default" / "payloads"), "--output", str(workdir / "decoded")],
+                          check=True, capture_output=True, text=True)
+    decode_s = time.perf_counter() - t0
+    out["sample"].update({"decode_all_s": round(decode_s, 1),
+                          "decode_all_over_no_coding_job": round(decode_s / out["sample"]["no_coding_job_s"], 3),
+                          "decode_message": proc.stderr.strip().splitlines()[-1]})
+    return out
 
 
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--json", default=None)
-    p.add_argument("--shapes", nargs="+", default=["32x8", "16x16"], help="ROWSxBLOCK coding shapes to measure")
+    p.add_argument("--workdir", default="/tmp/lmc-audit-bench", help="where the job benchmarks write")
+    p.add_argument("--no-jobs", dest="jobs", action="store_false", help="skip the whole-job measurements")
     args = p.parse_args(argv)
     result = {"machine": f"{platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}",
               "host_coder": [bench_host(256, 200_000), bench_host(50257, 5_000)],
-              "coding_stage": [bench_stage(*map(int, shape.split("x"))) for shape in args.shapes]}
+              "coding_stage": bench_stage()}
+    print(json.dumps(result, indent=2), flush=True)
+    if args.jobs:
+        result["jobs"] = bench_jobs(Path(args.workdir))
     print(json.dumps(result, indent=2))
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=2) + "\n")

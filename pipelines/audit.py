@@ -9,6 +9,7 @@ Flags this parser does not know go to Beam's ``PipelineOptions`` unchanged
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import hashlib
 import json
 import sys
@@ -22,7 +23,7 @@ from apache_beam.options.pipeline_options import GoogleCloudOptions, PipelineOpt
 
 from lmc_audit.pipelines.run_record import WriteRunRecord, read_record, verification_message, write_record
 from lmc_audit.transforms.chunking import DEFAULT_CHUNK_BYTES, ChunkDocuments
-from lmc_audit.transforms.listing import FORMATS, list_shards
+from lmc_audit.transforms.listing import FORMATS, is_inside, list_shards, normalize_location
 from lmc_audit.transforms.decoding import VerifyPayloads
 from lmc_audit.transforms.dedup import DedupOptions
 from lmc_audit.transforms.find_duplicates import FindDuplicates
@@ -65,6 +66,12 @@ def build_parser() -> argparse.ArgumentParser:
                         "unchanged: same path, size and modification time or checksum); audit only new or "
                         "changed shards, drop the ones no longer in the input, and recompute duplicates, shards "
                         "and the run record. Also resumes a run that was killed.")
+    p.add_argument("--max-removed-fraction", type=float, default=0.5,
+                   help="--incremental: fail, deleting nothing, when more than this fraction of the shards already "
+                        "audited are gone from the input (a renamed input or a glob typo looks like that); "
+                        "default 0.5")
+    p.add_argument("--allow-removal", action="store_true",
+                   help="--incremental: drop the manifests of every audited shard gone from the input, however many")
     p.add_argument("--chunk-bytes", type=int, default=DEFAULT_CHUNK_BYTES,
                    help=f"bytes per chunk; each chunk is scored on its own (default {DEFAULT_CHUNK_BYTES})")
     m = p.add_argument_group("model")
@@ -90,10 +97,15 @@ def build_parser() -> argparse.ArgumentParser:
                    help="score only: no payloads (bits from one plain forward per batch)")
     c.add_argument("--precision", type=int, default=24,
                    help="bits of the integer frequency total each distribution is quantized to (16-32)")
+    c.add_argument("--coding-scheme", default="auto", choices=("auto", "forward", "blocks"),
+                   help="forward: code from the scoring forward itself, decode by replaying it in windows; "
+                        "blocks: fixed rows x block forwards on both sides (the fallback, several times slower); "
+                        "auto (default): forward where a load-time check shows replay reproduces the scoring "
+                        "forward bit for bit on the device in use, else blocks")
     c.add_argument("--coding-rows", type=int, default=32,
-                   help="rows of every coding forward (a fixed shape, recorded in each payload)")
+                   help="blocks scheme: rows of every coding forward (a fixed shape, recorded in each payload)")
     c.add_argument("--coding-block", type=int, default=8,
-                   help="positions per coding forward; smaller decodes faster, larger encodes faster")
+                   help="blocks scheme: positions per coding forward; smaller decodes faster, larger encodes faster")
     c.add_argument("--verify-fraction", type=float, default=0.01,
                    help="fraction of chunks decoded again in the job to prove the payloads (a fixed sample)")
     g = p.add_argument_group("memorization signals")
@@ -132,7 +144,32 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-report", dest="report", action="store_false",
                    help="do not write OUTPUT/report.html")
     p.add_argument("--quiet", action="store_true", help="no summary table at the end")
+    p.add_argument("--verbose", action="store_true", help="print full tracebacks (else a late failure is one line)")
     return p
+
+
+def check_beam_flags(parser: argparse.ArgumentParser, beam_args: list[str]) -> None:
+    """Flags neither lmc-audit nor Beam knows fail at once, with the nearest known flag.
+
+    Beam itself only logs "Discarding unparseable args" and runs on, so a typo such as
+    ``--no-codng`` would silently run the job with coding on."""
+    import difflib
+
+    captured: list[argparse.ArgumentParser] = []
+    PipelineOptions(beam_args).get_all_options(add_extra_args_fn=captured.append)
+    _, unknown = captured[0].parse_known_args(beam_args)
+    flags = [a.split("=", 1)[0] for a in unknown if a.startswith("--")]
+    if not flags:
+        return
+    ours = [o for action in parser._actions for o in action.option_strings if o.startswith("--")]
+    beams = [o for action in captured[0]._actions for o in action.option_strings if o.startswith("--")]
+    hints = []
+    for flag in flags:
+        near = difflib.get_close_matches(flag, ours, n=1, cutoff=0.6) or \
+            difflib.get_close_matches(flag, beams, n=1, cutoff=0.75)
+        hints.append(f"{flag}" + (f" (did you mean {near[0]}?)" if near else ""))
+    raise SystemExit(f"lmc-audit: unknown option {', '.join(hints)}: neither lmc-audit run nor Beam knows it "
+                     "(lmc-audit run --help lists the options)")
 
 
 def signal_options(args: argparse.Namespace) -> SignalOptions:
@@ -176,16 +213,13 @@ def validate(args: argparse.Namespace) -> None:
         dedup_options(args)
     except (FileNotFoundError, ValueError) as exc:
         raise SystemExit(f"lmc-audit: {exc}") from None
+    probe_output(args.output)
     fs, root = fsspec.core.url_to_fs(args.output)
     existing = [d for d in (*MANIFEST_DIRS, "_state", "run.json", "report.html")
                 if fs.exists(f"{root.rstrip('/')}/{d}")]
     if args.incremental:
         if args.overwrite:
             raise SystemExit("lmc-audit: --incremental keeps what --output holds; --overwrite replaces it: pick one")
-        # The run record marks a complete set of manifests: it goes until this run completes.
-        for d in ("run.json", "report.html"):
-            if d in existing:
-                fs.rm(f"{root.rstrip('/')}/{d}")
         return
     if existing and not args.overwrite:
         raise SystemExit(f"lmc-audit: {args.output} already holds manifests ({', '.join(existing)}); "
@@ -194,8 +228,101 @@ def validate(args: argparse.Namespace) -> None:
         fs.rm(f"{root.rstrip('/')}/{d}", recursive=True)
 
 
-RESULT_OPTIONS = ("format", "text_field", "id_field", "split_bytes", "chunk_bytes", "dtype", "device",
-                  "length_granularity", "coding", "precision", "coding_rows", "coding_block", "min_k",
+def probe_output(output: str) -> None:
+    """The output must take a file before any work is done: one is written and removed."""
+    import os
+
+    try:
+        fs, root = fsspec.core.url_to_fs(output)
+        existed = fs.exists(root)
+        fs.makedirs(root, exist_ok=True)
+        probe = f"{root.rstrip('/')}/.lmc-audit-probe-{os.getpid()}"
+        fs.pipe_file(probe, b"probe")
+        fs.rm(probe)
+        if not existed and fs.isdir(root) and not fs.ls(root):
+            fs.rmdir(root)  # a launcher that only builds the job leaves nothing behind
+    except Exception as exc:
+        raise SystemExit(f"lmc-audit: cannot write to --output {output}: {type(exc).__name__}: {exc}") from None
+
+
+def leave_out_output(shards: list, output: str) -> list:
+    """Shards inside the output folder (its own manifests) are not input: they are left out, with a word."""
+    out = normalize_location(output)
+    inside = [s for s in shards if is_inside(normalize_location(s.path), out)]
+    if not inside:
+        return shards
+    print(f"[lmc-audit] {len(inside)} files under --output {output} left out of the input", file=sys.stderr)
+    kept = [s for s in shards if s not in inside]
+    return [dataclasses.replace(s, index=i) for i, s in enumerate(kept)]
+
+
+def check_first_records(shards: list, args: argparse.Namespace, sample: int = 50) -> None:
+    """Reads the first records of the first shard of each format: options that fit no record fail now,
+    saying what the records hold, instead of dead-lettering every record after the whole job ran."""
+    from lmc_audit.transforms.readers import READERS
+    from lmc_audit.transforms.records import DeadLetter, ReadTask
+
+    seen_formats = set()
+    for shard in shards:
+        if shard.format in seen_formats or shard.size == 0:
+            continue
+        seen_formats.add(shard.format)
+        reader = READERS[shard.format](args.text_field, args.id_field, args.chunk_bytes)
+        records = []
+        for record in reader.read(ReadTask(shard)):
+            records.append(record)
+            if len(records) >= sample:
+                break
+        documents = [r for r in records if not isinstance(r, DeadLetter)]
+        # Only reasons that say the options do not fit the file fail here; empty or null texts are data.
+        if records and not documents and all(_misfit(r.reason) for r in records):
+            found = _fields_of(shard, args)
+            raise SystemExit(
+                f"lmc-audit: none of the first {len(records)} records of {shard.path} can be read as --format "
+                f"{shard.format} with --text-field {args.text_field!r}: {records[0].reason}"
+                + (f"; the records hold {found}" if found else "")
+                + ". Pass the --format / --text-field that fit the data.")
+        if args.id_field and shard.format != "text" and documents:
+            default_prefix = f"{shard.path}#"
+            if all(d.doc_id.startswith(default_prefix) for d in documents):
+                found = _fields_of(shard, args)
+                raise SystemExit(f"lmc-audit: --id-field {args.id_field!r} is in none of the first {len(documents)} "
+                                 f"records of {shard.path}" + (f" (they hold {found})" if found else "")
+                                 + ": pass the field that holds the ids, or leave --id-field out")
+
+
+MISFIT_REASONS = ("missing text field", "malformed JSON", "JSON line is a", "no column", "shard unreadable",
+                  "invalid UTF-8")
+
+
+def _misfit(reason: str) -> bool:
+    return reason.startswith(MISFIT_REASONS) or reason.endswith("not a string")
+
+
+def _fields_of(shard, args) -> str:
+    """What a shard's first record holds: JSON keys or Parquet columns, for error messages."""
+    import json as _json
+
+    try:
+        if shard.format == "parquet":
+            import pyarrow.parquet as pq
+
+            with fsspec.open(shard.path, "rb", compression=shard.compression) as f:
+                return "columns " + ", ".join(pq.ParquetFile(f).schema_arrow.names)
+        if shard.format == "jsonl":
+            with fsspec.open(shard.path, "rb", compression=shard.compression) as f:
+                for line in f:
+                    if line.strip():
+                        obj = _json.loads(line)
+                        return ("fields " + ", ".join(map(str, obj))) if isinstance(obj, dict) else \
+                            f"a JSON {type(obj).__name__} per line"
+    except Exception as exc:
+        return f"nothing readable as {shard.format} ({type(exc).__name__})"
+    return ""
+
+
+RESULT_OPTIONS = ("format", "text_field", "id_field", "split_bytes", "chunk_bytes", "dtype",
+                  "length_granularity", "coding", "precision", "coding_scheme", "coding_rows", "coding_block", "min_k",
                   "reference_model", "flag_bpb_below", "flag_zlib_ratio_below", "flag_min_k_above",
                   "flag_min_k_pp_above", "flag_reference_diff_below", "dedup", "minhash_ngram", "minhash_bands",
                   "minhash_rows", "minhash_seed", "ncd_bytes")
@@ -203,7 +330,18 @@ RESULT_OPTIONS = ("format", "text_field", "id_field", "split_bytes", "chunk_byte
 
 def options_fingerprint(args: argparse.Namespace, model_fingerprint: str) -> str:
     """What a shard's manifests depend on besides its bytes: the model and the options that change rows."""
+    import torch
+
+    from lmc_audit.pipelines.run_record import package_versions
+
     chosen = {k: getattr(args, k) for k in RESULT_OPTIONS}
+    versions = package_versions()
+    chosen["versions"] = {k: versions.get(k) for k in ("lmc-audit", "torch", "transformers")}
+    # Resolved where the job is built: on a CPU launcher for GPU workers, pass --device cuda (README).
+    device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
+    chosen["resolved_device"] = device
+    chosen["resolved_dtype"] = (("bfloat16" if device.startswith("cuda") else "float32") if args.dtype == "auto"
+                                else args.dtype)
     if args.reference_model:
         chosen["reference_fingerprint"] = model_fingerprint_of(args.reference_model)
     text = json.dumps({"model": model_fingerprint, **chosen}, sort_keys=True, default=str)
@@ -220,8 +358,13 @@ def shard_key(path: str) -> str:
     return str(fs.ukey(p))
 
 
-def plan_incremental(output: str, shards: list, fingerprint: str) -> tuple[dict, list, list]:
-    """(commit info per shard, shards to read, (shard, index, row) of committed shards kept)."""
+def plan_incremental(output: str, shards: list, fingerprint: str, listing_errors: list | None = None,
+                     max_removed_fraction: float = 0.5) -> tuple[dict, list, list]:
+    """(commit info per shard, shards to read, (shard, index, row) of committed shards kept).
+
+    Deleting needs proof: manifests of a shard gone from the input are removed only when the listing
+    succeeded for every input and fewer than ``max_removed_fraction`` of the audited shards are gone;
+    otherwise this fails with what it found and deletes nothing."""
     from lmc_audit.transforms.manifests import STATE_COMMITS, shard_part_name
 
     fs, root = fsspec.core.url_to_fs(output)
@@ -240,7 +383,18 @@ def plan_incremental(output: str, shards: list, fingerprint: str) -> tuple[dict,
             kept.append((s.path, s.index, m["row"]))
         else:
             to_read.append(s)
-    # Shards gone from the input: their files go.
+    # Shards gone from the input: their files go, once the listing proves they are gone.
+    gone = sorted(set(markers) - {s.path for s in shards})
+    if gone and listing_errors:
+        raise SystemExit(
+            f"lmc-audit: --incremental: {len(gone)} audited shards are not in this listing, and part of the input "
+            f"could not be listed ({listing_errors[0].shard}: {listing_errors[0].reason}); nothing was deleted. "
+            "Fix the input paths (or, to drop those shards, list the input without errors).")
+    if gone and len(gone) > max_removed_fraction * len(markers):
+        raise SystemExit(
+            f"lmc-audit: --incremental: {len(gone)} of {len(markers)} audited shards are gone from the input "
+            f"(e.g. {gone[0]}), more than --max-removed-fraction {max_removed_fraction}; nothing was deleted. "
+            "Was the input renamed? Pass --allow-removal to drop them.")
     current = {shard_part_name(s.path) for s in shards}
     for d in (*MANIFEST_DIRS, "_state/sketches", STATE_COMMITS):
         folder = f"{root}/{d}"
@@ -259,10 +413,14 @@ def run(argv: list[str] | None = None, test_pipeline: beam.Pipeline | None = Non
     Where the runner only builds or submits the job (a Flex Template launch,
     ``--dry_run``), returns ``{"submitted": True, ...}`` at once.
     """
-    args, beam_args = build_parser().parse_known_args(argv)
+    parser = build_parser()
+    args, beam_args = parser.parse_known_args(argv)
+    check_beam_flags(parser, beam_args)
     validate(args)
     started = time.time()
     shards, listing_errors = list_shards(args.input, args.format)
+    shards = leave_out_output(shards, args.output)
+    check_first_records(shards, args)
     print(f"[lmc-audit] {len(shards)} shards to read from {len(args.input)} input(s)"
           + (f", {len(listing_errors)} unreadable" if listing_errors else ""), file=sys.stderr)
     model_dir = resolve_model_dir(args.model)
@@ -271,7 +429,14 @@ def run(argv: list[str] | None = None, test_pipeline: beam.Pipeline | None = Non
     commit = {s.path: {"key": shard_key(s.path), "fingerprint": run_fingerprint} for s in shards}
     committed = []
     if args.incremental:
-        commit, shards, committed = plan_incremental(args.output, shards, run_fingerprint)
+        commit, shards, committed = plan_incremental(
+            args.output, shards, run_fingerprint, listing_errors,
+            1.0 if args.allow_removal else args.max_removed_fraction)
+        # The run record marks a complete set of manifests: it goes until this run completes.
+        out_fs, out_root = fsspec.core.url_to_fs(args.output)
+        for name in ("run.json", "report.html"):
+            if out_fs.exists(f"{out_root.rstrip('/')}/{name}"):
+                out_fs.rm(f"{out_root.rstrip('/')}/{name}")
         print(f"[lmc-audit] incremental: {len(committed)} shards already audited, {len(shards)} to audit",
               file=sys.stderr)
 
@@ -283,7 +448,7 @@ def run(argv: list[str] | None = None, test_pipeline: beam.Pipeline | None = Non
                                                 args.chunk_bytes, args.split_bytes)
     unlisted = pipeline | "UnreadableInputs" >> beam.Create(listing_errors, reshuffle=False)
     dead_letters = (read[DEAD_LETTER], unlisted) | "AllDeadLetters" >> beam.Flatten()
-    coding = (CodingOptions(fingerprint, args.precision, args.coding_rows, args.coding_block)
+    coding = (CodingOptions(fingerprint, args.precision, args.coding_rows, args.coding_block, args.coding_scheme)
               if args.coding else None)
     def scorer(model: str, coding_options: CodingOptions | None) -> beam.PTransform:
         transform = ScoreChunks(model, args.device, args.dtype, args.trust_remote_code, args.max_batch_tokens,
@@ -302,6 +467,8 @@ def run(argv: list[str] | None = None, test_pipeline: beam.Pipeline | None = Non
     written = tuple(manifest_inputs) | "WriteManifests" >> WriteManifests(args.output, signal_options(args),
                                                                    find_duplicates, dedup, commit, committed)
     record_inputs = {"written": written, "documents": read.main, "dead_letters": dead_letters}
+    if args.coding:
+        record_inputs["scored"] = scored
     if args.coding and args.verify_fraction > 0:
         record_inputs["verification"] = scored | "VerifyPayloads" >> VerifyPayloads(
             args.model, args.verify_fraction, args.device, args.trust_remote_code, args.coding_rows)
@@ -322,11 +489,12 @@ def run(argv: list[str] | None = None, test_pipeline: beam.Pipeline | None = Non
                   file=sys.stderr)
             return {"submitted": True, "output": args.output}
         result.wait_until_finish()
-    except Exception:
+    except Exception as exc:
         # The job's last step fails the job when payloads did not decode, after writing run.json
         # (removed when this run started, so one that exists now is this run's).
         record = _record_if_written(args.output)
         if not (record and (record["coding"] or {}).get("verification_failed")):
+            fail_in_one_line(exc, args.verbose)
             raise
     else:
         record = read_record(args.output)
@@ -338,6 +506,9 @@ def run(argv: list[str] | None = None, test_pipeline: beam.Pipeline | None = Non
     if coding and coding["verification_failed"]:
         print(f"[lmc-audit] ERROR: {verification_message(coding)}", file=sys.stderr)
     counts = record["counts"]
+    if counts["documents"] == 0:
+        print(f"[lmc-audit] ERROR: no document was audited ({counts['dead_letters']} dead letters; their reasons "
+              f"are in {args.output.rstrip('/')}/dead_letter/)", file=sys.stderr)
     if not counts["reconciled"]:
         print(f"[lmc-audit] WARNING: {counts['input_records']} input records but {counts['documents']} documents "
               f"+ {counts['dead_letters']} dead letters", file=sys.stderr)
@@ -346,6 +517,31 @@ def run(argv: list[str] | None = None, test_pipeline: beam.Pipeline | None = Non
 
         print_summary(args.output)
     return record
+
+
+def fail_in_one_line(exc: BaseException, verbose: bool) -> None:
+    """A manifest that could not be written ends the run with one line naming the path and the cause;
+    the traceback goes to a log file (or to stderr with --verbose). Other errors are left to raise."""
+    import re
+    import tempfile
+    import traceback
+
+    from lmc_audit.transforms.manifests import WRITE_ERROR
+
+    text = "".join(traceback.format_exception(exc))
+    found = re.search(re.escape(WRITE_ERROR) + r" [^\n]*", text)
+    if not found:
+        return
+    if verbose:
+        print(text, file=sys.stderr)
+        where = ""
+    else:
+        with tempfile.NamedTemporaryFile("w", prefix="lmc-audit-error-", suffix=".log", delete=False) as log:
+            log.write(text)
+        where = f" (traceback: {log.name})"
+    line = found.group(0).split(" [while running")[0].rstrip("'\". ")
+    print(f"lmc-audit: {line}{where}", file=sys.stderr)
+    raise SystemExit(1) from None
 
 
 def _record_if_written(output: str) -> dict | None:

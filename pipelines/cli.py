@@ -30,6 +30,8 @@ def main(argv: list[str] | None = None) -> int:
 
         record = run(rest)
         coding = record.get("coding") or {}
+        if record.get("counts", {}).get("documents", 1) == 0:
+            return 1  # nothing audited: a scheduled run must show it (run() said why)
         return 1 if coding.get("verification_failed") else 0
     if command == "decode":
         from lmc_audit.pipelines.decode import run as decode

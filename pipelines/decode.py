@@ -101,9 +101,14 @@ def run(argv: list[str] | None = None) -> int:
     for r, got in zip(rows, results):
         by_doc.setdefault((r["shard"], r["doc_id"], r["position"]), []).append((r["chunk_index"], got))
     whole_documents = not args.chunk
+    # (shard, position) is a document's key; an id held by several documents names each file by it too.
+    id_count: dict[str, int] = {}
+    for _, doc_id, _ in by_doc:
+        id_count[doc_id] = id_count.get(doc_id, 0) + 1
+    shared_ids = sum(1 for c in id_count.values() if c > 1)
     written = 0
     lines = []
-    for (shard, doc_id, _), parts in by_doc.items():
+    for (shard, doc_id, position), parts in by_doc.items():
         if any(isinstance(g, PayloadError) for _, g in parts):
             continue
         if whole_documents:
@@ -117,7 +122,7 @@ def run(argv: list[str] | None = None) -> int:
             pieces = parts
         for index, data in pieces:
             if args.format == "jsonl":
-                line = {"doc_id": doc_id, "shard": shard}
+                line = {"doc_id": doc_id, "shard": shard, "position": position}
                 if index is not None:
                     line["chunk_index"] = index
                 try:
@@ -126,11 +131,15 @@ def run(argv: list[str] | None = None) -> int:
                     line["bytes_base64"] = base64.b64encode(data).decode()
                 lines.append(json.dumps(line, ensure_ascii=False))
             else:
-                name = safe_name(doc_id) + ("" if index is None else f".chunk-{index}")
+                stem = doc_id if id_count[doc_id] == 1 else f"{doc_id}@{shard}#{position}"
+                name = safe_name(stem) + ("" if index is None else f".chunk-{index}")
                 (out / name).write_bytes(data)
             written += 1
     if args.format == "jsonl":
         (out / "decoded.jsonl").write_text("".join(line + "\n" for line in lines), encoding="utf-8")
+    if shared_ids:
+        print(f"lmc-audit decode: {shared_ids} ids are held by several documents: their files are named "
+              "<id>@<shard>#<position>", file=sys.stderr)
     print(f"lmc-audit decode: {written} {'documents' if whole_documents else 'chunks'} written to {out}"
           f"{f', {len(errors)} errors' if errors else ''} ({decoder.forwards} model forwards)", file=sys.stderr)
     return 1 if errors else 0

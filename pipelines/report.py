@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import html
+import re
 import io
 import json
 from collections.abc import Sequence
@@ -23,6 +24,14 @@ TOP_CLUSTERS = 10
 FLAG_COLOR = "#d62728"
 DOC_COLOR = "#1f77b4"
 
+
+
+_CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f]")
+
+
+def _esc(value: str) -> str:
+    """HTML-escaped text with control characters (NUL and the like) shown as \\xNN, never written raw."""
+    return html.escape(_CONTROL.sub(lambda m: f"\\x{ord(m.group()):02x}", str(value)))
 
 def read_manifest(root: str, name: str) -> list[dict]:
     fs, path = fsspec.core.url_to_fs(root)
@@ -82,11 +91,11 @@ def _fmt(value, digits: int = 3) -> str:
         return "–"
     if isinstance(value, float):
         return f"{value:.{digits}f}"
-    return html.escape(str(value))
+    return _esc(str(value))
 
 
 def _table(headers: Sequence[str], rows: Sequence[Sequence]) -> str:
-    head = "".join(f"<th>{html.escape(h)}</th>" for h in headers)
+    head = "".join(f"<th>{_esc(h)}</th>" for h in headers)
     body = "".join("<tr>" + "".join(f"<td>{c}</td>" for c in row) + "</tr>" for row in rows)
     return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
 
@@ -128,7 +137,7 @@ def render(manifests: str, run: dict | None = None) -> str:
                     _fmt(counts.get("chunks")), _fmt(counts.get("bytes")), _fmt(bpb.get("model")),
                     _fmt(bpb.get("zlib")), _fmt(sum(bool(d["memorization_flags"]) for d in docs)),
                     _fmt(sum(not r["keep"] for r in dups))]])
-    shard_rows = [[html.escape(s["shard"]), _fmt(s["documents"]), _fmt(s["dead_letters"]), _fmt(s["bytes"]),
+    shard_rows = [[_esc(s["shard"]), _fmt(s["documents"]), _fmt(s["dead_letters"]), _fmt(s["bytes"]),
                    _fmt(s["bpb"]), _fmt(s["zlib_bpb"]), _fmt(s["p05_doc_bpb"]), _fmt(s["median_doc_bpb"]),
                    _fmt(s["p95_doc_bpb"]), _fmt(s["exact_duplicate_rate"]), _fmt(s["near_duplicate_rate"]),
                    _fmt(s["flagged_documents"])] for s in sorted(shards, key=lambda s: s["shard"])]
@@ -136,10 +145,10 @@ def render(manifests: str, run: dict | None = None) -> str:
                           "exact dup rate", "near dup rate", "flagged docs"], shard_rows)
 
     suspicious = sorted((d for d in docs if d["bpb"] is not None), key=_suspicion_order)[:TOP_DOCUMENTS]
-    doc_rows = [[html.escape(d["doc_id"]), _fmt(d["bpb"]), _fmt(d["zlib_ratio"]), _fmt(d["min_k"]),
+    doc_rows = [[_esc(d["doc_id"]), _fmt(d["bpb"]), _fmt(d["zlib_ratio"]), _fmt(d["min_k"]),
                  _fmt(d["min_k_pp"]),
-                 f'<span class="flag">{html.escape(", ".join(d["memorization_flags"]))}</span>',
-                 f'<div class="snippet">{html.escape(d["snippet"])}</div>'] for d in suspicious]
+                 f'<span class="flag">{_esc(", ".join(d["memorization_flags"]))}</span>',
+                 f'<div class="snippet">{_esc(d["snippet"])}</div>'] for d in suspicious]
     doc_table = _table(["document", "bpb", "zlib ratio", "Min-K%", "Min-K%++", "flags", "snippet"], doc_rows)
 
     snippets = {d["doc_id"]: d["snippet"] for d in docs}
@@ -151,10 +160,10 @@ def render(manifests: str, run: dict | None = None) -> str:
     for members in largest:
         kept = members[0]["kept_doc_id"]
         dropped = sorted((m for m in members if not m["keep"]), key=lambda m: m["doc_id"])
-        cluster_rows.append([_fmt(members[0]["cluster_id"]), _fmt(len(members)), html.escape(kept),
-                             "<br>".join(f'{html.escape(m["doc_id"])} ({m["reason"]}, J={_fmt(m["jaccard"], 2)}, '
+        cluster_rows.append([_fmt(members[0]["cluster_id"]), _fmt(len(members)), _esc(kept),
+                             "<br>".join(f'{_esc(m["doc_id"])} ({m["reason"]}, J={_fmt(m["jaccard"], 2)}, '
                                          f'NCD={_fmt(m["ncd"], 2)})' for m in dropped),
-                             f'<div class="snippet">{html.escape(snippets.get(kept, ""))}</div>'])
+                             f'<div class="snippet">{_esc(snippets.get(kept, ""))}</div>'])
     cluster_table = (_table(["cluster", "size", "kept", "dropped (reason, Jaccard, NCD)", "kept snippet"],
                             cluster_rows) if cluster_rows else "<p>No duplicates found.</p>")
     model = run.get("model", {})
@@ -163,9 +172,9 @@ def render(manifests: str, run: dict | None = None) -> str:
 <html lang="en"><head><meta charset="utf-8"><title>{title}</title>
 <meta name="viewport" content="width=device-width, initial-scale=1"><style>{CSS}</style></head>
 <body><h1>{title}</h1>
-<p>Model: <code>{html.escape(str(model.get("name", "?")))}</code>
-(fingerprint <code>{html.escape(str(model.get("fingerprint", "?"))[:16])}</code>).
-Manifests: <code>{html.escape(manifests)}</code>.</p>
+<p>Model: <code>{_esc(str(model.get("name", "?")))}</code>
+(fingerprint <code>{_esc(str(model.get("fingerprint", "?"))[:16])}</code>).
+Manifests: <code>{_esc(manifests)}</code>.</p>
 <div class="kpi">{kpis}</div>
 <h2>Shards</h2>{shard_table}
 <h2>Bits per byte</h2><div class="figs"><figure>{hist}<figcaption>Per-document bits per byte under the model

@@ -67,8 +67,16 @@ class SummarizeVerification(beam.CombineFn):
         return {"verified": ok, "verification_failed": failed, "failed_chunks": names}
 
 
+def payload_scheme(payload: bytes | None) -> str:
+    """'forward', 'blocks' or 'stored': how a payload was coded (for the run record)."""
+    from lmc_audit.transforms.payloads import METHOD_STORED, unpack
+
+    header, _ = unpack(payload)
+    return "stored" if header.method == METHOD_STORED else header.scheme
+
+
 def build_record(job: dict, shards: list[dict], records_in: int, verification: dict | None,
-                 wall_s: float) -> dict:
+                 wall_s: float, schemes: dict | None = None) -> dict:
     """The run record from the shards manifest rows and the job's counts.
 
     ``job``: what the program that built the pipeline knew (options, model, Beam flags).
@@ -91,7 +99,9 @@ def build_record(job: dict, shards: list[dict], records_in: int, verification: d
         "beam_options": job["beam_options"],
         "versions": package_versions(),
         "counts": {
-            "shards": sum(1 for r in shards if r["documents"] or r["chunks"]),
+            # Every row of shards/: each input file, and each input that could not be listed or read.
+            "shards": len(shards),
+            "shards_with_documents": sum(1 for r in shards if r["documents"]),
             "shards_kept_from_earlier_runs": job["kept_shards"],
             "input_records": records_in,
             "documents": documents,
@@ -112,7 +122,10 @@ def build_record(job: dict, shards: list[dict], records_in: int, verification: d
             "dropped_near": sum(r["near_duplicates"] for r in shards),
         },
         "coding": None if not args["coding"] else {
-            "precision": args["precision"], "rows": args["coding_rows"], "block": args["coding_block"],
+            "precision": args["precision"],
+            # payloads per scheme: forward (coded in the scoring forward), blocks (the fallback), stored
+            "schemes": dict(sorted((schemes or {}).items())),
+            "rows": args["coding_rows"], "block": args["coding_block"],
             "coded_bits": coded_bits,
             "coded_bpb": coded_bits / total_bytes if total_bytes else None,
             "overhead_vs_ideal": (coded_bits - bits) / bits if bits else None,
@@ -154,10 +167,11 @@ class WriteRunRecordFn(beam.DoFn):
         self._started, self._report = started, report
 
     def process(self, _written, documents_read: int, dead_letters_read: int,
-                verification: list[dict]) -> Iterator[dict]:
+                verification: list[dict], schemes: list[tuple[str, int]]) -> Iterator[dict]:
         shards = read_shard_rows(self._output)
         record = build_record(self._job, shards, documents_read + dead_letters_read + self._extra,
-                              verification[0] if verification else None, time.time() - self._started)
+                              verification[0] if verification else None, time.time() - self._started,
+                              dict(schemes))
         if self._report:
             from lmc_audit.pipelines.report import write_report
 
@@ -201,6 +215,12 @@ class WriteRunRecord(beam.PTransform):
                 SummarizeVerification())
         else:
             verification = inputs["written"].pipeline | "NoVerification" >> beam.Create([])
+        if "scored" in inputs:
+            schemes = (inputs["scored"]
+                       | "PayloadScheme" >> beam.FlatMap(lambda s: [payload_scheme(s.payload)] if s.payload else [])
+                       | "CountSchemes" >> beam.combiners.Count.PerElement())
+        else:
+            schemes = inputs["written"].pipeline | "NoPayloads" >> beam.Create([])
         return inputs["written"] | "WriteRecord" >> beam.ParDo(
             self._fn, beam.pvalue.AsSingleton(documents), beam.pvalue.AsSingleton(dead),
-            beam.pvalue.AsList(verification))
+            beam.pvalue.AsList(verification), beam.pvalue.AsList(schemes))

@@ -18,7 +18,8 @@ def print_summary(output: str) -> None:
         record = json.load(f)
     c, bpb = record["counts"], record["bpb"]
     rows = [
-        ("shards", f"{c['shards']:,}"),
+        ("shards", f"{c['shards']:,}" + (f"  ({c['shards_with_documents']:,} with documents)"
+                                          if c.get("shards_with_documents", c["shards"]) != c["shards"] else "")),
         ("documents", f"{c['documents']:,}  (+{c['dead_letters']:,} dead-lettered"
                       f"{', reconciled' if c['reconciled'] else ', NOT reconciled'})"),
         ("chunks", f"{c['chunks']:,}  ({c['flagged_chunks']:,} flagged)"),

@@ -17,19 +17,22 @@ import torch
 
 from lmc_audit.pipelines.audit import bundled_sample_dir, run
 from lmc_audit.pipelines.decode import run as decode, safe_name
-from lmc_audit.transforms.block_coding import BlockCoder
+from lmc_audit.transforms.block_coding import MIN_TOKENS, BlockCoder, ReplayDecoder
 from lmc_audit.transforms.decoding import PayloadDecoder, selected_for_verification
-from lmc_audit.transforms.model_handler import CausalLMHandler, CodingOptions
-from lmc_audit.transforms.model_loading import model_fingerprint
-from lmc_audit.transforms.payloads import HEADER_BYTES, PayloadError, unpack
+from lmc_audit.transforms.model_handler import CausalLMHandler, CodingOptions, load_causal_lm
+from lmc_audit.transforms.model_loading import model_fingerprint, resolve_model_dir
+from lmc_audit.transforms.payloads import HEADER_BYTES, PayloadError, Recipe, pack, unpack
+from lmc_audit.transforms.replay_check import compare_replay
 from lmc_audit.transforms.records import Chunk, TokenizedChunk
 from lmc_audit.transforms.tokenization import ChunkTokenizer, padded_length
 
 
-def code_and_decode(model_dir: str, datas: list[bytes], rows: int = 4, block: int = 16, batch=None):
+def code_and_decode(model_dir: str, datas: list[bytes], rows: int = 4, block: int = 16, batch=None,
+                    scheme: str = "auto", max_batch_tokens: int = 16384):
     """Encodes chunks through the model handler (as the pipeline does) and decodes the payloads."""
     fp = model_fingerprint(model_dir)
-    handler = CausalLMHandler(model_dir, device="cpu", dtype="float32", coding=CodingOptions(fp, 24, rows, block))
+    handler = CausalLMHandler(model_dir, device="cpu", dtype="float32", max_batch_tokens=max_batch_tokens,
+                              coding=CodingOptions(fp, 24, rows, block, scheme))
     lm = handler.load_model()
     tok = ChunkTokenizer.from_model_dir(model_dir)
     items = []
@@ -40,7 +43,7 @@ def code_and_decode(model_dir: str, datas: list[bytes], rows: int = 4, block: in
         items.append(TokenizedChunk(chunk, targets, tok.start_id, padded_length(len(targets), 64, tok.max_positions)))
     scored = handler.run_inference(batch(items) if batch else items, lm)
     decoder = PayloadDecoder(model_dir, "cpu")
-    return scored, decoder.decode([s.payload for s in scored])
+    return scored, decoder.decode([s.payload for s in scored], recipes=[s.recipe for s in scored])
 
 
 def test_edge_chunks_round_trip(tiny_byte_model):
@@ -69,7 +72,93 @@ def test_payload_does_not_depend_on_batch_mates(tiny_byte_model):
     alone, _ = code_and_decode(tiny_byte_model, datas[:1])
     mixed, decoded = code_and_decode(tiny_byte_model, datas, batch=lambda items: items[::-1])
     assert decoded == datas[::-1]
+    assert unpack(alone[0].payload)[0].scheme == "forward"
     assert mixed[-1].payload == alone[0].payload and mixed[-1].bits == alone[0].bits
+    # Another batch size: one chunk per forward instead of all six.
+    one_by_one, decoded = code_and_decode(tiny_byte_model, datas, max_batch_tokens=64)
+    assert decoded == datas
+    assert [s.payload for s in one_by_one] == [s.payload for s in mixed[::-1]]
+
+
+@pytest.fixture(scope="module")
+def bundled_lm():
+    return load_causal_lm("bundled", "cpu", "float32")
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_replay_windows_equal_the_scoring_forward_bit_for_bit(bundled_lm, threads):
+    """The shape rule of the forward scheme, on the bundled model's real kernels: rows, padded lengths
+    (one key tile, across a tile's end), window widths, and the thread count."""
+    rng = np.random.default_rng(threads)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        for rows, length, window in [(1, 64, 4), (2, 576, 4), (4, 640, 4), (5, 1024, 8), (3, 192, 16),
+                                     (1, 2048, 32), (2, 1088, 36)]:
+            ids = torch.from_numpy(rng.integers(0, 257, (rows, length), dtype=np.int64))
+            check = compare_replay(bundled_lm.model, bundled_lm.device, ids, MIN_TOKENS, window, replayed=600)
+            assert check.exact, (rows, length, window, check.detail)
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_scoring_forward_does_not_depend_on_threads(bundled_lm):
+    ids = torch.from_numpy(np.random.default_rng(5).integers(0, 257, (2, 640), dtype=np.int64))
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = bundled_lm.model(input_ids=ids, use_cache=False).logits
+        torch.set_num_threads(2)
+        two = bundled_lm.model(input_ids=ids, use_cache=False).logits
+    finally:
+        torch.set_num_threads(before)
+    assert torch.equal(one, two)
+
+
+def test_the_min_tokens_rule_is_what_makes_replay_exact(bundled_lm):
+    """Without the rule (a forward of 4 token rows), the matmul kernels round differently: the check
+    sees it. This is the difference the load-time self-check guards against."""
+    ids = torch.from_numpy(np.random.default_rng(1).integers(0, 257, (1, 64), dtype=np.int64))
+    assert not compare_replay(bundled_lm.model, bundled_lm.device, ids, 1, 4).exact
+    assert compare_replay(bundled_lm.model, bundled_lm.device, ids, MIN_TOKENS, 4).exact
+
+
+def test_blocks_fallback_forced_round_trips(tiny_byte_model):
+    datas = [b"the fallback runs the same shapes on both sides " * 3, b"short", bytes(range(200))]
+    scored, decoded = code_and_decode(tiny_byte_model, datas, rows=4, block=8, scheme="blocks")
+    assert decoded == datas
+    assert {unpack(s.payload)[0].scheme for s in scored} == {"blocks"}
+    assert all(s.coded_bits <= s.bits * 1.001 + 32 for s in scored)
+
+
+def test_each_recipe_field_mismatch_is_refused_with_its_name(tiny_byte_model):
+    scored, _ = code_and_decode(tiny_byte_model, [b"a chunk whose recipe is checked " * 2])
+    header, body = unpack(scored[0].payload)
+    recipe = Recipe.from_json(scored[0].recipe)
+    decoder = PayloadDecoder(tiny_byte_model, "cpu")
+    for name, value in [("device_name", "AVX2"), ("torch", "9.9.9"), ("transformers", "4.0.0"),
+                        ("attention", "lmc_exact/v0"), ("compute_capability", "9.0"), ("cuda", "12.8")]:
+        other = Recipe(**{**recipe.__dict__, name: value})
+        payload = pack(header.__class__(**{**header.__dict__, "environment": other.environment_hash()}), body)
+        (got,) = decoder.decode([payload], ["chunk 0 of 'd0'"], [other.to_json()])
+        assert isinstance(got, PayloadError), name
+        assert f"{name} {value!r}" in str(got) and "chunk 0 of 'd0'" in str(got)
+    # Without the recipe text the decoder still refuses, and says what it runs with.
+    (got,) = decoder.decode([pack(header.__class__(**{**header.__dict__, "environment": 1}), body)])
+    assert isinstance(got, PayloadError) and "another environment" in str(got) and recipe.torch in str(got)
+
+
+def test_decoder_window_is_free_in_the_forward_scheme(bundled_lm):
+    """Payloads of the forward scheme decode with any replay window the decoder picks."""
+    text = (Path(bundled_sample_dir()) / "howto__sorting.txt").read_bytes()
+    datas = [text[:700], text[700:1500], text[1500:1520]]
+    scored, _ = code_and_decode(resolve_model_dir("bundled"), datas)
+    for window in (4, 12, 64):
+        decoder = PayloadDecoder("bundled", "cpu", window=window)
+        assert decoder.decode([s.payload for s in scored]) == datas
+        assert decoder.stats.tokens == sum(len(d) for d in datas)
+        # Guesses that come true decode more than one token per window on this text.
+        assert decoder.stats.tokens_per_row_forward > 1.0
 
 
 def test_tokenizer_model_chunk_round_trip(tiny_bpe_model):
@@ -84,10 +173,19 @@ def test_block_coder_decodes_every_block_size(tiny_byte_model):
     text = np.frombuffer(b"block boundaries must not matter " * 6, np.uint8).astype(np.int64)
     for block in (1, 8, 64):
         coder = BlockCoder(lm.model, lm.device, 24, 2, block, 256, 256)
-        enc = coder.encode([text[:190], text[:7]], 192)
-        ids, forwards = coder.decode([e.stream for e in enc], [190, 7], 192)
+        streams, _ = coder.encode([text[:190], text[:7]], 192)
+        ids, stats = coder.decode(streams, [190, 7], 192)
         assert np.array_equal(ids[0], text[:190]) and np.array_equal(ids[1], text[:7])
-        assert forwards <= 190
+        assert stats.forwards <= 190
+
+
+def test_replay_decoder_shapes_follow_the_rule():
+    decoder = ReplayDecoder(None, torch.device("cpu"), 24, MIN_TOKENS, 0, 0, window=4)
+    for rows in (1, 2, 3, 7, 8, 64):
+        for length in (64, 2048):
+            total, width = decoder.shape(rows, length)
+            assert total >= rows and total * width >= MIN_TOKENS and width >= 4 and width % 4 == 0
+            assert width <= length
 
 
 def test_corrupt_payload_and_wrong_model_fail_clearly(tiny_byte_model, tiny_bpe_model, tmp_path):
@@ -104,10 +202,10 @@ def test_corrupt_payload_and_wrong_model_fail_clearly(tiny_byte_model, tiny_bpe_
     assert isinstance(got, PayloadError) and "not an lmc-audit payload" in str(got)
     (got,) = PayloadDecoder(tiny_bpe_model, "cpu").decode([payload])
     assert isinstance(got, PayloadError) and "fingerprint" in str(got) and "pass the model that wrote it" in str(got)
-    other_env = bytearray(payload)
-    other_env[HEADER_BYTES - 4:HEADER_BYTES] = b"\0\0\0\0"
-    (got,) = decoder.decode([bytes(other_env)], recipes=['{"torch": "9.9"}'])
-    assert isinstance(got, PayloadError) and "another environment" in str(got) and "9.9" in str(got)
+    old = bytearray(payload)
+    old[4] = 1
+    (got,) = decoder.decode([bytes(old)])
+    assert isinstance(got, PayloadError) and "version 1" in str(got) and "0.1.x" in str(got)
 
 
 def _chunk(data: bytes, doc_id: str = "/some/checkout/shard.jsonl#3", position: int = 3, index: int = 1) -> Chunk:
@@ -148,9 +246,9 @@ def _sample_documents() -> dict[str, bytes]:
 def coded_sample(tmp_path_factory):
     """The whole sample corpus through the pipeline with the bundled model, coding on, every chunk verified."""
     out = tmp_path_factory.mktemp("coded_sample")
-    # 256-byte chunks and 64 rows x 4 positions per forward keep the full decode to about a minute.
+    # Default coding settings; 256-byte chunks keep the full decode of every chunk short.
     record = run(["--sample", "--id-field", "id", "--output", str(out), "--chunk-bytes", "256",
-                  "--coding-rows", "64", "--coding-block", "4", "--verify-fraction", "0.05", "--quiet"])
+                  "--verify-fraction", "0.05", "--quiet"])
     return out, record
 
 
@@ -167,6 +265,7 @@ def test_every_sample_chunk_decodes_exactly(coded_sample, tmp_path):
                                                  c["chunk_index"], c["offset"], b"", c["sha256"], 0, 0, 0), 0.05)
                  for c in chunks)
     assert record["coding"]["verified"] == picked > 0
+    assert record["coding"]["schemes"] == {"forward": len(chunks)}
     # Coded size against the ideal: at most ideal + 0.1% + 32 bits per chunk.
     for c in chunks:
         assert c["coded_bits"] <= c["bits"] * 1.001 + 32

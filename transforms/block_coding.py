@@ -1,123 +1,336 @@
-"""Encode and decode chunks with logits that are bit-identical on both sides.
+"""Encode chunks from the scoring forward; decode them by replaying it bit for bit.
 
-The decoder must see the encoder's logits bit for bit (a 1e-6 difference in
-one entry of a 50k-entry table breaks decoding). Measured facts this design
-rests on (``shared/reference.md`` §2, checked again in the tests): rows of a
-batch equal the row run alone; the logits at positions <= t do not depend on
-what stands after t; a shorter input or a different step shape does not give
-the same bits.
+A payload decodes only when the decoder sees the encoder's logits bit for
+bit (a 1e-6 difference in one entry of a 50k-entry table breaks it). Two
+schemes, both recorded in every payload (``payloads``):
 
-So both sides run the *same function on the same shapes*: a Hugging Face
-``StaticCache`` of fixed length L (the chunk's padded length) for a fixed
-number of rows R, filled block by block, K positions per forward.
+**forward** (the default). The encoder *is* the scoring forward: one
+teacher-forced forward over the chunk's padded length L, logits quantized
+on the device, only (start, freq) of each real token to the host range
+coder. The decoder replays it in windows: each row runs K positions from
+its first undecoded one, with the keys and values of the positions before
+it in a ``ReplayCache``; the window's logits at a position whose inputs
+are all known equal the scoring forward's there, so that token decodes;
+inputs after it are *guesses* (below), and each position whose guess turns
+out right decodes too. A wrong guess costs lookahead, never a wrong bit:
+logits at a position never depend on what stands after it.
 
-- Encode: L/K forwards; every position's logits are quantized on the device
-  and only the (start, freq) of the actual token leaves it.
-- Decode: block by block. A forward over the block gives exact logits at
-  every position whose inputs are all known; the range decoder then decodes
-  position after position while the *guessed* next input (the model's own
-  argmax from the previous forward of this block) turns out right, and stops
-  at the first wrong guess, which it replaces with the decoded token. Each
-  forward decodes at least one token per row, usually several (Jacobi
-  decoding verified by the range decoder). Inputs after a position never
-  change its logits, so a wrong guess costs a forward, never a wrong bit.
+The shape rule that makes window logits equal the full forward's
+(measured, README "The determinism contract", tested on a grid):
+attention through ``exact_attention`` (keys cut to a multiple of 512 or
+the whole padded length; a window of at least 4 positions), and every
+forward, scoring or window, runs at least ``min_tokens`` token rows
+(rows x positions), because the CPU matmul kernels round rows of a small
+call (fewer than 16 rows here) differently from rows of a large one. The
+encoder adds zero rows to a forward that would be smaller; the decoder
+widens its windows (or adds rows). The model handler checks the rule at
+load on the device in use and falls back to **blocks** where it fails.
 
-Rows padded into a group are dummies; a chunk's bits do not depend on its
-batch-mates.
+**blocks** (the fallback, the pre-0.2 design): encoder and decoder run the
+very same shapes, ``rows`` x ``block`` aligned windows in a cache of L,
+so nothing depends on kernels being shape-invariant; it costs L / block
+forwards to encode.
+
+Guesses (``NgramGuesser``): where the decoded text ends in an 8-token run
+seen earlier, the tokens that followed it (prompt-lookup decoding, strong
+on repeated text); else a chain from counts of what followed each 6-, 4-,
+3-, 2- and 1-token context in everything decoded so far; else the window's
+own argmax at the next positions (Jacobi decoding).
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 
 from lmc_audit.transforms import range_coder
-from lmc_audit.transforms.quantize import lookup, pick, quantize
-from lmc_audit.transforms.signals import token_stats
+from lmc_audit.transforms.exact_attention import ReplayCache, replay
+from lmc_audit.transforms.quantize import MAX_TABLE_ENTRIES, quantize, pick
 from lmc_audit.transforms.tokenization import teacher_forcing
 
 LN2 = math.log(2.0)
+MIN_TOKENS = 16  # default least token rows per forward (see the shape rule above)
+MIN_WINDOW = 4
+
+
+def rows_for(rows: int, length: int, min_tokens: int) -> int:
+    """Rows a forward of ``rows`` chunks of ``length`` positions runs with: zero rows added up to the rule."""
+    return max(rows, -(-min_tokens // length))
+
+
+def scoring_logits(model, inputs: torch.Tensor, min_tokens: int) -> torch.Tensor:
+    """[R, L] inputs -> [R, L, V] logits of the plain teacher-forced forward, run with at least
+    ``min_tokens`` token rows (zero rows added and dropped)."""
+    rows, length = inputs.shape
+    total = rows_for(rows, length, min_tokens)
+    if total > rows:
+        inputs = torch.cat([inputs, inputs.new_zeros(total - rows, length)])
+    return model(input_ids=inputs, use_cache=False).logits[:rows]
+
+
+def code_symbols(logits: torch.Tensor, targets: torch.Tensor, precision: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """[R, L, V] logits, [R, L] targets -> [R, L] (start, freq) of each target, on the device.
+
+    Sliced over rows and positions so the int64 tables stay under ``MAX_TABLE_ENTRIES``; each
+    position's table depends on its own logits only, so slicing never changes a value."""
+    rows, length, vocab = logits.shape
+    step = max(1, MAX_TABLE_ENTRIES // vocab)
+    starts = torch.empty((rows, length), dtype=torch.int64, device=logits.device)
+    freqs = torch.empty_like(starts)
+    flat_logits, flat_targets = logits.reshape(-1, vocab), targets.reshape(-1)
+    flat_s, flat_f = starts.view(-1), freqs.view(-1)
+    for a in range(0, rows * length, step):
+        b = min(a + step, rows * length)
+        flat_s[a:b], flat_f[a:b] = pick(quantize(flat_logits[a:b], precision), flat_targets[a:b])
+    return starts, freqs
+
+
+def encode_streams(starts: np.ndarray, freqs: np.ndarray, counts: list[int], precision: int) -> list[bytes]:
+    """Host side: one bitstream per row from its first ``counts[r]`` (start, freq) pairs."""
+    return range_coder.encode_rows(starts, freqs, np.asarray(counts, np.int64), precision)
 
 
 @dataclass
-class Encoded:
-    bits: float  # ideal: -sum log2 p under the coding logits
-    stream: bytes
-    logp: np.ndarray  # [n] log p(target), nats
-    zscores: np.ndarray  # [n] Min-K%++ z
+class DecodeStats:
+    """Forwards run and tokens decoded: tokens / (forwards x live rows) is the acceptance."""
+
+    forwards: int = 0
+    row_forwards: int = 0  # sum over forwards of the rows still decoding
+    tokens: int = 0
+    guessed: dict = field(default_factory=lambda: {"lookup": 0, "argmax": 0})
+
+    @property
+    def tokens_per_row_forward(self) -> float:
+        return self.tokens / self.row_forwards if self.row_forwards else 0.0
+
+    def add(self, other: "DecodeStats") -> None:
+        self.forwards += other.forwards
+        self.row_forwards += other.row_forwards
+        self.tokens += other.tokens
+        for k, v in other.guessed.items():
+            self.guessed[k] = self.guessed.get(k, 0) + v
 
 
-def _new_cache(model, length: int):
-    from transformers import StaticCache
+class NgramGuesser:
+    """Guesses from what the decoder has decoded so far, shared by every row and group it decodes.
 
-    return StaticCache(config=model.config, max_cache_len=length)
-
-
-def _block_logits(model, cache, inputs: torch.Tensor, start: int) -> torch.Tensor:
-    """[R, K] inputs at positions start..start+K-1 -> [R, K, V] logits; writes the block into the cache.
-
-    transformers 5 static layers write at their own running length, so the
-    cache is rewound to ``start`` first: a block forward can then be replayed.
+    Two sources, as in prompt-lookup and n-gram speculative decoding: the continuation of the latest
+    earlier occurrence of the row's last ``LONG_MATCH`` tokens (exact repeats), else a greedy chain from
+    counts of which token followed each context of ``ORDERS`` tokens (backing off to shorter contexts).
+    The counts persist across groups, so a long decode learns the corpus it decodes. Memory is bounded:
+    the tokens of the latest ``MAX_ROWS`` rows are kept, and the tables start afresh past
+    ``MAX_CONTEXTS`` entries.
     """
-    for layer in getattr(cache, "layers", ()):
-        if getattr(layer, "is_initialized", False):
-            layer.cumulative_length.fill_(start)
-    positions = torch.arange(start, start + inputs.shape[1], device=inputs.device).expand(inputs.shape[0], -1)
-    return model(input_ids=inputs, past_key_values=cache, position_ids=positions, use_cache=True).logits
+
+    LONG_MATCH = 8
+    ORDERS = (6, 4, 3, 2, 1)
+    MAX_ROWS = 512
+    MAX_CONTEXTS = 200_000
+
+    def __init__(self):
+        self.rows: dict[int, list[int]] = {}
+        self.latest: dict[tuple, tuple[int, int]] = {}  # long n-gram -> (row key, index after it)
+        self.best: dict[tuple, int] = {}  # context -> most frequent next token
+        self.counts: dict[tuple, dict[int, int]] = {}
+        self._next_key = 0
+
+    def start(self) -> int:
+        """A new row; returns its key."""
+        key = self._next_key
+        self._next_key += 1
+        self.rows[key] = []
+        while len(self.rows) > self.MAX_ROWS:
+            del self.rows[next(iter(self.rows))]
+        if len(self.counts) > self.MAX_CONTEXTS:
+            self.counts.clear()
+            self.best.clear()
+        if len(self.latest) > self.MAX_CONTEXTS:
+            self.latest.clear()
+        return key
+
+    def push(self, key: int, token: int) -> None:
+        tokens = self.rows[key]
+        tokens.append(token)
+        end = len(tokens)
+        n = self.LONG_MATCH
+        if end > n:
+            self.latest[tuple(tokens[end - 1 - n:end - 1])] = (key, end - 1)
+        for n in self.ORDERS:
+            if end > n:
+                ctx = tuple(tokens[end - 1 - n:end - 1])
+                seen = self.counts.setdefault(ctx, {})
+                seen[token] = seen.get(token, 0) + 1
+                if seen[token] >= seen.get(self.best.get(ctx, token), 0):
+                    self.best[ctx] = token
+
+    def guess(self, key: int, count: int) -> list[int]:
+        tokens = self.rows[key]
+        end = len(tokens)
+        n = self.LONG_MATCH
+        if end >= n:
+            hit = self.latest.get(tuple(tokens[end - n:]))
+            if hit is not None and hit[0] in self.rows:
+                found = self.rows[hit[0]][hit[1]:hit[1] + count]
+                if found:
+                    return found
+        out: list[int] = []
+        context = tokens[-max(self.ORDERS):]
+        for _ in range(count):
+            for n in self.ORDERS:
+                if len(context) >= n:
+                    nxt = self.best.get(tuple(context[len(context) - n:]))
+                    if nxt is not None:
+                        break
+            else:
+                break
+            out.append(nxt)
+            context = (context + [nxt])[-max(self.ORDERS):]
+        return out
+
+
+class ReplayDecoder:
+    """Decodes payloads of the **forward** scheme by replaying the scoring forward in windows."""
+
+    def __init__(self, model, device: torch.device, precision: int, min_tokens: int, start_id: int, pad_id: int,
+                 window: int = 4, guesser: NgramGuesser | None = None):
+        if window < MIN_WINDOW:
+            raise ValueError(f"a replay window holds at least {MIN_WINDOW} positions, got {window}")
+        self.model, self.device, self.precision = model, device, precision
+        self.min_tokens, self.start_id, self.pad_id, self.window = min_tokens, start_id, pad_id, window
+        self.guesser = guesser or NgramGuesser()
+
+    def shape(self, rows: int, length: int) -> tuple[int, int]:
+        """(rows, window) of every forward for ``rows`` chunks of ``length``: at least ``min_tokens`` token rows."""
+        width = max(self.window, -(-self.min_tokens // rows))
+        width = min(length, -(-width // MIN_WINDOW) * MIN_WINDOW)
+        return max(rows, -(-self.min_tokens // width)), width
+
+    @torch.inference_mode()
+    def decode(self, streams: list[bytes], n_tokens: list[int], length: int) -> tuple[list[np.ndarray], DecodeStats]:
+        if not streams:
+            return [], DecodeStats()
+        if max(n_tokens) > length:
+            raise ValueError(f"a payload says {max(n_tokens)} tokens but was coded in {length} positions")
+        if length < MIN_WINDOW:
+            raise ValueError(f"padded length {length} is shorter than a replay window ({MIN_WINDOW})")
+        real = len(streams)
+        rows, width = self.shape(real, length)
+        n = np.zeros(rows, np.int64)
+        n[:real] = n_tokens
+        decoders = range_coder.RangeDecoders(list(streams) + [b""] * (rows - real), self.precision)
+        inputs = np.full((rows, length), self.pad_id, np.int64)
+        inputs[:, 0] = self.start_id
+        out = np.zeros((rows, length), np.int64)
+        known = np.zeros(rows, np.int64)  # targets decoded per row; inputs up to position known[r] are exact
+        keys = [self.guesser.start() for _ in range(rows)]
+        cache = ReplayCache(rows, length, self.device)
+        stats = DecodeStats()
+        offsets = np.arange(width)
+        with replay(cache):
+            while np.any(known < n):
+                live = known < n
+                starts = np.minimum(known, length - width)
+                index = cache.window(torch.from_numpy(starts), width)
+                window_in = torch.from_numpy(np.take_along_axis(inputs, starts[:, None] + offsets, 1)).to(self.device)
+                logits = self.model(input_ids=window_in, position_ids=index, use_cache=False).logits  # [R, W, V]
+                stats.forwards += 1
+                stats.row_forwards += int(live.sum())
+                upper = torch.cumsum(quantize(logits, self.precision), dim=-1)  # [R, W, V]
+                for i in range(width):
+                    act = live & (known == starts + i)
+                    if not act.any():
+                        if not (live & (known > starts + i)).any():
+                            break
+                        continue
+                    slots = torch.from_numpy(decoders.slots()).to(self.device)
+                    col = upper[:, i].contiguous()
+                    symbols = torch.searchsorted(col, slots.unsqueeze(-1), right=True).squeeze(-1)
+                    symbols = symbols.clamp_max(col.shape[-1] - 1)
+                    hi = col.gather(-1, symbols.unsqueeze(-1)).squeeze(-1)
+                    lo = torch.where(symbols > 0, col.gather(-1, (symbols - 1).clamp_min(0).unsqueeze(-1)).squeeze(-1),
+                                     torch.zeros_like(hi))
+                    sym, lo, hi = symbols.cpu().numpy(), lo.cpu().numpy(), hi.cpu().numpy()
+                    decoders.advance(lo, hi - lo, act)
+                    for r in np.flatnonzero(act):
+                        y = int(sym[r])
+                        out[r, known[r]] = y
+                        self.guesser.push(keys[r], y)
+                        known[r] += 1
+                        stats.tokens += 1
+                        j = known[r]  # the input position the decoded token feeds
+                        if j < length:
+                            if j < starts[r] + width and inputs[r, j] != y:
+                                live[r] = False  # positions after j saw a wrong guess
+                            inputs[r, j] = y
+                        if known[r] >= n[r]:
+                            live[r] = False
+                    if not live.any():
+                        break
+                self._guess(inputs, known, n, starts, width, logits, keys, stats)
+        return [out[r, :n[r]].copy() for r in range(real)], stats
+
+    def _guess(self, inputs, known, n, starts, width, logits, keys, stats) -> None:
+        length = inputs.shape[1]
+        argmax = None
+        for r in np.flatnonzero(known < n):
+            first = int(known[r]) + 1  # inputs[first:] are unknown
+            count = min(width - 1, length - first)
+            if count <= 0:
+                continue
+            guess = self.guesser.guess(keys[r], count)
+            if guess:
+                stats.guessed["lookup"] += 1
+            else:
+                # Jacobi: this window's argmax at positions first-1.. predicted the inputs at first..
+                if argmax is None:
+                    argmax = logits.argmax(-1).cpu().numpy()
+                a = first - 1 - int(starts[r])
+                guess = argmax[r, a:a + count].tolist() if 0 <= a < width else []
+                stats.guessed["argmax"] += 1
+            inputs[r, first:first + len(guess)] = guess
 
 
 class BlockCoder:
-    def __init__(self, model, device: torch.device, precision: int, rows: int, block: int,
-                 start_id: int, pad_id: int):
-        self.model = model
-        self.device = device
-        self.precision = precision
-        self.rows = rows
-        self.block = block
-        self.start_id = start_id
-        self.pad_id = pad_id
+    """The **blocks** scheme: encoder and decoder run the same ``rows`` x ``block`` aligned windows."""
 
-    def _inputs(self, group_targets: list[np.ndarray], length: int) -> tuple[torch.Tensor, torch.Tensor]:
-        inputs, targets = teacher_forcing(group_targets, self.rows, length, self.start_id, self.pad_id)
-        return torch.from_numpy(inputs).to(self.device), torch.from_numpy(targets).to(self.device)
+    def __init__(self, model, device: torch.device, precision: int, rows: int, block: int, start_id: int,
+                 pad_id: int):
+        self.model, self.device, self.precision = model, device, precision
+        self.rows, self.block, self.start_id, self.pad_id = rows, block, start_id, pad_id
+
+    def _forward(self, cache: ReplayCache, inputs: torch.Tensor, start: int) -> torch.Tensor:
+        index = cache.window(torch.full((self.rows,), start, dtype=torch.int64), self.block)
+        return self.model(input_ids=inputs, position_ids=index, use_cache=False).logits
 
     @torch.inference_mode()
-    def encode(self, group_targets: list[np.ndarray], length: int) -> list[Encoded]:
-        """Codes up to ``rows`` chunks that share the padded ``length``."""
+    def encode(self, group_targets: list[np.ndarray], length: int) -> tuple[list[bytes], np.ndarray]:
+        """Bitstreams of up to ``rows`` chunks sharing ``length``, and [R, L] log p(target) (nats)."""
         if not 0 < len(group_targets) <= self.rows:
             raise ValueError(f"a group holds 1..{self.rows} chunks, got {len(group_targets)}")
         if length % self.block:
             raise ValueError(f"padded length {length} is not a multiple of the block {self.block}")
-        inputs, targets = self._inputs(group_targets, length)
-        cache = _new_cache(self.model, length)
+        inputs, targets = (torch.from_numpy(a).to(self.device) for a in
+                           teacher_forcing(group_targets, self.rows, length, self.start_id, self.pad_id))
+        cache = ReplayCache(self.rows, length, self.device)
         starts = torch.empty((self.rows, length), dtype=torch.int64, device=self.device)
         freqs = torch.empty_like(starts)
         logp = torch.empty((self.rows, length), dtype=torch.float32, device=self.device)
-        zscores = torch.empty_like(logp)
-        for s in range(0, length, self.block):
-            logits = _block_logits(self.model, cache, inputs[:, s:s + self.block], s).float()
-            tgt = targets[:, s:s + self.block]
-            logp[:, s:s + self.block], zscores[:, s:s + self.block] = token_stats(logits, tgt)
-            # Slices of 16 positions bound the [R, 16, V] int64 table for large vocabularies.
-            for q in range(0, self.block, 16):
-                e = min(q + 16, self.block)
-                st, fr = pick(quantize(logits[:, q:e], self.precision), tgt[:, q:e])
-                starts[:, s + q:s + e] = st
-                freqs[:, s + q:s + e] = fr
-        counts = np.array([len(t) for t in group_targets] + [0] * (self.rows - len(group_targets)), np.int64)
-        starts_h, freqs_h, logp_h = starts.cpu().numpy(), freqs.cpu().numpy(), logp.cpu().numpy()
-        z_h = zscores.cpu().numpy()
-        streams = range_coder.encode_rows(starts_h, freqs_h, counts, self.precision)
-        return [Encoded(float(-np.sum(logp_h[r, :counts[r]], dtype=np.float64) / LN2), streams[r],
-                        logp_h[r, :counts[r]].copy(), z_h[r, :counts[r]].copy())
-                for r in range(len(group_targets))]
+        with replay(cache):
+            for s in range(0, length, self.block):
+                logits = self._forward(cache, inputs[:, s:s + self.block], s).float()
+                tgt = targets[:, s:s + self.block]
+                starts[:, s:s + self.block], freqs[:, s:s + self.block] = code_symbols(logits, tgt, self.precision)
+                logp[:, s:s + self.block] = (logits.gather(-1, tgt.unsqueeze(-1)).squeeze(-1)
+                                             - torch.logsumexp(logits, dim=-1))
+        counts = [len(t) for t in group_targets] + [0] * (self.rows - len(group_targets))
+        streams = encode_streams(starts.cpu().numpy(), freqs.cpu().numpy(), counts, self.precision)
+        return streams[:len(group_targets)], logp.cpu().numpy()
 
     @torch.inference_mode()
-    def decode(self, streams: list[bytes], n_tokens: list[int], length: int) -> tuple[list[np.ndarray], int]:
-        """Token ids of up to ``rows`` chunks coded with ``length``; also returns the forwards it took."""
+    def decode(self, streams: list[bytes], n_tokens: list[int], length: int) -> tuple[list[np.ndarray], DecodeStats]:
         if not 0 < len(streams) <= self.rows:
             raise ValueError(f"a group holds 1..{self.rows} chunks, got {len(streams)}")
         n = np.zeros(self.rows, np.int64)
@@ -128,45 +341,50 @@ class BlockCoder:
         inputs = np.full((self.rows, length), self.pad_id, np.int64)
         inputs[:, 0] = self.start_id
         out = np.zeros((self.rows, length), np.int64)
-        known = np.zeros(self.rows, np.int64)  # targets decoded so far, per row
-        cache = _new_cache(self.model, length)
-        forwards = 0
+        known = np.zeros(self.rows, np.int64)
+        cache = ReplayCache(self.rows, length, self.device)
+        stats = DecodeStats()
         K = self.block
-        for s in range(0, length, K):
-            end = np.minimum(n, s + K)  # each row needs targets up to end[r] in this block
-            if np.all(known >= n):
-                break
-            while np.any(known < end):
-                block_in = torch.from_numpy(inputs[:, s:s + K].copy()).to(self.device)
-                logits = _block_logits(self.model, cache, block_in, s)
-                forwards += 1
-                live = known < end  # inputs up to known[r] are right for these rows
-                for j in range(int(known[live].min()), s + K):
-                    act = live & (known == j)
-                    if not act.any():
-                        if not (live & (known > j)).any():
+        with replay(cache):
+            for s in range(0, length, K):
+                end = np.minimum(n, s + K)
+                if np.all(known >= n):
+                    break
+                while np.any(known < end):
+                    logits = self._forward(cache, torch.from_numpy(inputs[:, s:s + K].copy()).to(self.device), s)
+                    stats.forwards += 1
+                    live = known < end
+                    stats.row_forwards += int(live.sum())
+                    for j in range(int(known[live].min()), s + K):
+                        act = live & (known == j)
+                        if not act.any():
+                            if not (live & (known > j)).any():
+                                break
+                            continue
+                        freqs = quantize(logits[:, j - s], self.precision)
+                        upper = torch.cumsum(freqs, dim=-1)
+                        slots = torch.from_numpy(decoders.slots()).to(self.device)
+                        symbols = torch.searchsorted(upper, slots.unsqueeze(-1), right=True).squeeze(-1)
+                        symbols = symbols.clamp_max(upper.shape[-1] - 1)
+                        st, fr = pick(freqs, symbols)
+                        sym, st, fr = symbols.cpu().numpy(), st.cpu().numpy(), fr.cpu().numpy()
+                        decoders.advance(st, fr, act)
+                        for r in np.flatnonzero(act):
+                            y = sym[r]
+                            out[r, j] = y
+                            known[r] = j + 1
+                            stats.tokens += 1
+                            if j + 1 < length:
+                                if j + 1 < s + K and inputs[r, j + 1] != y:
+                                    live[r] = False
+                                inputs[r, j + 1] = y
+                            if known[r] >= end[r]:
+                                live[r] = False
+                        if not live.any():
                             break
-                        continue
-                    freqs = quantize(logits[:, j - s], self.precision)
-                    slots = torch.from_numpy(decoders.slots()).to(self.device)
-                    symbols, st, fr = (x.cpu().numpy() for x in lookup(freqs, slots))
-                    decoders.advance(st, fr, act)
-                    for r in np.flatnonzero(act):
-                        y = symbols[r]
-                        out[r, j] = y
-                        known[r] = j + 1
-                        if j + 1 < length:
-                            if j + 1 < s + K and inputs[r, j + 1] != y:
-                                live[r] = False  # a wrong guess: the next positions need a new forward
-                            inputs[r, j + 1] = y
-                        if known[r] >= end[r]:
-                            live[r] = False
-                    if not live.any():
-                        break
-                # Guess each row's unknown inputs of this block from this forward's argmax.
-                guesses = logits.argmax(-1).cpu().numpy()  # [R, K]
-                for r in np.flatnonzero(known < end):
-                    first = int(known[r]) + 1
-                    if first < s + K:
-                        inputs[r, first:s + K] = guesses[r, first - 1 - s:K - 1]
-        return [out[r, :n[r]].copy() for r in range(len(streams))], forwards
+                    guesses = logits.argmax(-1).cpu().numpy()
+                    for r in np.flatnonzero(known < end):
+                        first = int(known[r]) + 1
+                        if first < s + K:
+                            inputs[r, first:s + K] = guesses[r, first - 1 - s:K - 1]
+        return [out[r, :n[r]].copy() for r in range(len(streams))], stats

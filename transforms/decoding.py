@@ -15,10 +15,12 @@ import apache_beam as beam
 import numpy as np
 from apache_beam.metrics import Metrics
 
-from lmc_audit.transforms.block_coding import BlockCoder
-from lmc_audit.transforms.model_handler import CausalLMHandler, LoadedModel, pick_device
+from lmc_audit.transforms.block_coding import BlockCoder, DecodeStats, NgramGuesser, ReplayDecoder
+from lmc_audit.transforms.model_handler import LoadedModel, load_causal_lm, pick_device
 from lmc_audit.transforms.model_loading import model_fingerprint, resolve_model_dir
-from lmc_audit.transforms.payloads import METHOD_STORED, Header, PayloadError, Recipe, crc32, unpack
+from lmc_audit.transforms.payloads import (METHOD_STORED, SCHEME_BLOCKS, Header, PayloadError, Recipe, crc32,
+                                           unpack)
+from lmc_audit.transforms.progress import Progress
 from lmc_audit.transforms.records import Chunk, ScoredChunk
 from lmc_audit.transforms.tokenization import ChunkTokenizer
 
@@ -27,7 +29,14 @@ log = logging.getLogger(__name__)
 
 
 class PayloadDecoder:
-    def __init__(self, model_spec: str, device: str = "auto", trust_remote_code: bool = False):
+    """Decodes payloads in groups of up to ``batch_rows`` chunks of one padded length.
+
+    ``window``: positions per replay forward (forward scheme); larger windows let right guesses
+    decode more tokens per forward at more compute per forward.
+    """
+
+    def __init__(self, model_spec: str, device: str = "auto", trust_remote_code: bool = False,
+                 batch_rows: int = 64, window: int = 4):
         self._spec = model_spec
         self._model_dir = resolve_model_dir(model_spec)
         self.fingerprint = model_fingerprint(self._model_dir)
@@ -35,12 +44,18 @@ class PayloadDecoder:
         self._trust = trust_remote_code
         self._tok = ChunkTokenizer.from_model_dir(self._model_dir, trust_remote_code)
         self._models: dict[str, LoadedModel] = {}
-        self.forwards = 0
+        self._batch_rows = batch_rows
+        self._window = window
+        self._guesser = NgramGuesser()  # learns from every chunk this decoder decodes
+        self.stats = DecodeStats()
+
+    @property
+    def forwards(self) -> int:
+        return self.stats.forwards
 
     def _model(self, dtype: str) -> LoadedModel:
         if dtype not in self._models:
-            handler = CausalLMHandler(self._spec, str(self._device), dtype, self._trust)
-            self._models[dtype] = handler.load_model()
+            self._models[dtype] = load_causal_lm(self._spec, str(self._device), dtype, self._trust)
         return self._models[dtype]
 
     def check(self, header: Header, recipe_text: str | None = None) -> None:
@@ -55,12 +70,18 @@ class PayloadDecoder:
             raise PayloadError(f"the payload was coded on a {header.device} device and this decoder runs on "
                                f"{self._device.type}: logits differ across device types; decode with "
                                f"--device {header.device}")
-        here = Recipe.current(header.precision, header.dtype, header.device, header.rows, header.block)
-        if header.environment != here.environment_hash():
-            raise PayloadError(
-                "the payload was coded in another environment "
-                f"({recipe_text or 'recipe text not at hand'}); here: scheme {here.scheme}, torch {here.torch}, "
-                f"transformers {here.transformers}. Decode with the versions that coded it.")
+        here = Recipe.here(header.scheme, header.precision, header.dtype, self._device, header.min_tokens,
+                           header.rows, header.block)
+        if header.environment == here.environment_hash():
+            return
+        theirs = Recipe.from_json(recipe_text) if recipe_text else None
+        if theirs is not None and theirs.environment_hash() == header.environment:
+            what = "; ".join(here.differences(theirs))
+            raise PayloadError(f"the payload was coded where {what}: logits would differ, so it cannot decode "
+                               "here. Decode on a machine and with the versions its recipe names.")
+        raise PayloadError(
+            "the payload was coded in another environment (its recipe is not at hand: pass the payloads "
+            f"manifest's recipe column); here: {here.to_json()}. Decode with the versions and device that coded it.")
 
     def decode(self, payloads: Sequence[bytes], names: Sequence[str] | None = None,
                recipes: Sequence[str | None] | None = None) -> list[bytes | PayloadError]:
@@ -79,24 +100,32 @@ class PayloadDecoder:
             if header.method == METHOD_STORED:
                 results[i] = self._verify(names[i], header, body)
                 continue
-            key = (header.dtype, header.length, header.rows, header.block, header.precision)
+            key = (header.scheme, header.dtype, header.length, header.rows, header.block, header.precision,
+                   header.min_tokens)
             groups.setdefault(key, []).append((i, header, body))
-        for (dtype, length, rows, block, precision), members in sorted(groups.items()):
+        for (scheme, dtype, length, rows, block, precision, min_tokens), members in sorted(groups.items()):
             lm = self._model(dtype)
-            coder = BlockCoder(lm.model, lm.device, precision, rows, block, self._tok.start_id, lm.pad_id)
-            for s in range(0, len(members), rows):
-                part = members[s:s + rows]
+            if scheme == SCHEME_BLOCKS:
+                coder = BlockCoder(lm.model, lm.device, precision, rows, block, self._tok.start_id, lm.pad_id)
+                group_rows = rows
+            else:
+                coder = ReplayDecoder(lm.model, lm.device, precision, min_tokens, self._tok.start_id, lm.pad_id,
+                                      self._window, self._guesser)
+                group_rows = self._batch_rows
+            for s in range(0, len(members), group_rows):
+                part = members[s:s + group_rows]
                 try:
                     with lm.precision():
-                        tokens, forwards = coder.decode([b for _, _, b in part],
-                                                        [h.n_tokens for _, h, _ in part], length)
-                    self.forwards += forwards
+                        tokens, stats = coder.decode([b for _, _, b in part], [h.n_tokens for _, h, _ in part],
+                                                     length)
+                    self.stats.add(stats)
                 except ValueError as exc:
                     for i, _, _ in part:
                         results[i] = PayloadError(f"{names[i]}: the bitstream is corrupt ({exc})")
                     continue
                 for (i, header, _), ids in zip(part, tokens):
                     results[i] = self._verify(names[i], header, self._to_bytes(ids))
+                Progress.add("decoding", items=len(part), bytes=sum(h.n_bytes for _, h, _ in part))
         return results  # type: ignore[return-value]
 
     def _to_bytes(self, ids: np.ndarray) -> bytes:
@@ -131,18 +160,20 @@ def selected_for_verification(chunk: Chunk, fraction: float) -> bool:
 
 
 class VerifyPayloadsFn(beam.DoFn):
-    def __init__(self, model_spec: str, device: str, trust_remote_code: bool):
+    def __init__(self, model_spec: str, device: str, trust_remote_code: bool, batch_rows: int):
         self._spec, self._device, self._trust = model_spec, device, trust_remote_code
+        self._batch_rows = batch_rows
 
     def setup(self) -> None:
-        self._decoder = PayloadDecoder(self._spec, self._device, self._trust)
+        self._decoder = PayloadDecoder(self._spec, self._device, self._trust, self._batch_rows)
         self._ok = Metrics.counter(NAMESPACE, "payloads_verified")
         self._failed = Metrics.counter(NAMESPACE, "payloads_failed")
         self._failed_names = Metrics.string_set(NAMESPACE, "payloads_failed_chunks")
 
     def process(self, batch: list[ScoredChunk]) -> Iterator[tuple[str, bool]]:
         names = [chunk_name(s.chunk.doc_id, s.chunk.chunk_index) for s in batch]
-        for scored, name, got in zip(batch, names, self._decoder.decode([s.payload for s in batch], names)):
+        decoded = self._decoder.decode([s.payload for s in batch], names, [s.recipe for s in batch])
+        for scored, name, got in zip(batch, names, decoded):
             if isinstance(got, bytes) and got == scored.chunk.data:
                 self._ok.inc()
                 yield name, True
@@ -162,7 +193,7 @@ class VerifyPayloads(beam.PTransform):
         super().__init__()
         if not 0.0 <= fraction <= 1.0:
             raise ValueError(f"the verified fraction must be in [0, 1], got {fraction}")
-        self._fn = VerifyPayloadsFn(model_spec, device, trust_remote_code)
+        self._fn = VerifyPayloadsFn(model_spec, device, trust_remote_code, batch_rows)
         self._fraction = fraction
         self._batch_rows = batch_rows
 

@@ -12,6 +12,7 @@ from collections.abc import Iterator
 import apache_beam as beam
 from apache_beam.metrics import Metrics
 
+from lmc_audit.transforms.progress import Progress
 from lmc_audit.transforms import dedup
 from lmc_audit.transforms.dedup import DedupOptions, DocSketch, Edge
 from lmc_audit.transforms.records import Chunk, ScoredChunk
@@ -80,6 +81,7 @@ class VerifyPair(beam.DoFn):
         self._verified = Metrics.counter(NAMESPACE, "dedup_verified_pairs")
 
     def process(self, element) -> Iterator[Edge]:
+        Progress.add("dedup", items=1)
         _, grouped = element
         bits = dict(grouped["scored"])
         distance = dedup.ncd(bits.get("x"), bits.get("y"), bits.get("xy"))

@@ -7,6 +7,7 @@ path matching nothing is reported before any worker starts.
 
 from __future__ import annotations
 
+import os
 import posixpath
 from collections.abc import Iterable
 
@@ -55,8 +56,23 @@ def _expand(pattern: str) -> list[str]:
         raise FileNotFoundError(f"{pattern!r} matches no files")
     protocol = fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
     if protocol in ("file", "local"):
-        return paths
+        # One name per file: 'dir//a', 'dir/./a' and a symlink to it are the same shard.
+        return [os.path.realpath(p) for p in paths]
     return [fs.unstrip_protocol(p) for p in paths]
+
+
+def normalize_location(url: str) -> str:
+    """A local path resolved (symlinks, '..', '//'), or the URL as it is: for comparing locations."""
+    fs, root = fsspec.core.url_to_fs(url)
+    protocol = fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
+    if protocol in ("file", "local"):
+        return os.path.realpath(root)
+    return fs.unstrip_protocol(root).rstrip("/")
+
+
+def is_inside(path: str, folder: str) -> bool:
+    """Whether ``path`` lies in ``folder`` (both normalized by ``normalize_location``)."""
+    return path == folder or path.startswith(folder.rstrip("/") + "/")
 
 
 def list_shards(patterns: Iterable[str], fmt: str = "auto") -> tuple[list[ShardSpec], list[DeadLetter]]:

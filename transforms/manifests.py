@@ -22,6 +22,7 @@ import pyarrow.parquet as pq
 
 import numpy as np
 
+from lmc_audit.transforms.progress import Progress
 from lmc_audit.transforms import dedup, payloads, schemas, signals
 from lmc_audit.transforms.dedup import DedupOptions
 from lmc_audit.transforms.records import DeadLetter, ScoredChunk
@@ -47,24 +48,45 @@ EMPTY = "empty.parquet"
 
 
 def write_table(output: str, manifest: str, name: str, rows: list[dict], schema: pa.Schema) -> None:
+    Progress.add("writing", items=len(rows))
     table = pa.Table.from_pylist(rows, schema=schema)
     sink = pa.BufferOutputStream()
     pq.write_table(table, sink, compression="zstd")
     write_bytes(output, manifest, name, sink.getvalue().to_pybytes())
 
 
+WRITE_ERROR = "lmc-audit cannot write"  # marks the one-line message `lmc-audit run` prints for it
+
+
+class OutputWriteError(OSError):
+    """A manifest file could not be written; the message names the path and the cause."""
+
+
 def write_bytes(output: str, manifest: str, name: str, data: bytes) -> None:
-    """Whole-file write: renamed into place locally, one PUT on object stores. ``manifest`` "" is the root."""
+    """Whole-file write: renamed into place locally, one PUT on object stores. ``manifest`` "" is the root.
+
+    A failed write leaves no partial file behind (the temporary is removed) and raises
+    ``OutputWriteError`` naming the path and the cause."""
     fs, root = fsspec.core.url_to_fs(output)
     folder = f"{root.rstrip('/')}/{manifest}" if manifest else root.rstrip("/")
-    fs.makedirs(folder, exist_ok=True)
+    target = f"{folder}/{name}"
     protocol = fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
-    if protocol in ("file", "local"):
-        tmp = f"{folder}/.{name}.tmp"
-        fs.pipe_file(tmp, data)
-        fs.mv(tmp, f"{folder}/{name}")
-    else:
-        fs.pipe_file(f"{folder}/{name}", data)
+    tmp = f"{folder}/.{name}.tmp" if protocol in ("file", "local") else None
+    try:
+        fs.makedirs(folder, exist_ok=True)
+        if tmp:
+            fs.pipe_file(tmp, data)
+            fs.mv(tmp, target)
+        else:
+            fs.pipe_file(target, data)
+    except Exception as exc:
+        if tmp:
+            try:
+                if fs.exists(tmp):
+                    fs.rm(tmp)
+            except Exception:
+                pass
+        raise OutputWriteError(f"{WRITE_ERROR} {target}: {type(exc).__name__}: {exc}") from exc
 
 
 def remove_file(output: str, manifest: str, name: str) -> None:
@@ -84,7 +106,8 @@ def chunk_row(s: ScoredChunk, k: float = 0.2, reference_bits: float | None = Non
     c = s.chunk
     n = len(c.data)
     return {
-        "doc_id": c.doc_id, "shard": c.shard, "chunk_index": c.chunk_index, "offset": c.offset,
+        "doc_id": c.doc_id, "shard": c.shard, "position": c.position, "chunk_index": c.chunk_index,
+        "offset": c.offset,
         "bytes": n, "tokens": s.tokens, "bits": s.bits, "bpb": _ratio(s.bits, n), "coded_bits": s.coded_bits,
         "zlib_bits": 8 * c.zlib_bytes, "zstd_bits": 8 * c.zstd_bytes, "xz_bits": 8 * c.xz_bytes,
         "min_k": signals.min_k_mean(signals.unpack(s.logp), k),
@@ -190,7 +213,7 @@ def shard_row(shard: str, docs: list[dict], dead_letters: int) -> dict:
 
 def payload_row(s: ScoredChunk) -> dict:
     c = s.chunk
-    method = "stored" if s.payload[4 + 1] == payloads.METHOD_STORED else "model"
+    method = "stored" if s.payload[payloads.METHOD_OFFSET] == payloads.METHOD_STORED else "model"
     return {"doc_id": c.doc_id, "shard": c.shard, "position": c.position, "chunk_index": c.chunk_index,
             "method": method, "recipe": s.recipe or "stored", "payload": s.payload}
 

@@ -64,13 +64,35 @@ def resolve_model_dir(spec: str, cache_dir: str | None = None) -> str:
         cache = Path(cache_dir or os.environ.get("LMC_AUDIT_CACHE", Path.home() / ".cache" / "lmc_audit"))
         local = cache / "models" / hashlib.sha256(spec.encode()).hexdigest()[:16]
         if not (local / ".complete").exists():
-            local.mkdir(parents=True, exist_ok=True)
-            fs.get(root.rstrip("/") + "/", str(local) + "/", recursive=True)
-            (local / ".complete").write_text(spec)
+            _fetch_model(fs, root, local, spec)
         return str(local)
     if _looks_like_path(spec):
         return str(Path(spec).expanduser().resolve())
     return spec  # a hub id
+
+
+def _fetch_model(fs, root: str, local: Path, spec: str) -> None:
+    """Copies a remote model into the cache atomically: under a lock (processes on one machine fetch it
+    once), into a temporary folder renamed into place, so a killed copy never looks complete."""
+    import fcntl
+    import shutil
+    import tempfile
+
+    local.parent.mkdir(parents=True, exist_ok=True)
+    with open(local.parent / f".{local.name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if (local / ".complete").exists():
+            return  # another process fetched it while this one waited
+        staging = Path(tempfile.mkdtemp(prefix=f".{local.name}.", dir=local.parent))
+        try:
+            fs.get(root.rstrip("/") + "/", str(staging) + "/", recursive=True)
+            (staging / ".complete").write_text(spec)
+            if local.exists():
+                shutil.rmtree(local)  # an incomplete copy from an older release
+            staging.rename(local)
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
 
 
 def model_fingerprint(model_dir: str) -> str:

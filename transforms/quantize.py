@@ -16,6 +16,9 @@ from __future__ import annotations
 
 import torch
 
+# Bound on the int64 [positions, V] tables one quantize call builds (2^26 entries: 512 MiB).
+MAX_TABLE_ENTRIES = 1 << 26
+
 
 def quantize(logits: torch.Tensor, precision: int) -> torch.Tensor:
     """[..., V] logits -> [..., V] int64 frequencies summing to 2**precision."""

@@ -42,8 +42,13 @@ class PlanReadTasks(_ReaderFn):
 class ReadTasks(_ReaderFn):
     """Reads one task; documents to the main output, bad records to ``dead_letter``."""
 
+    def __init__(self, reader_kwargs: dict, expected_bytes: int = 0):
+        super().__init__(reader_kwargs)
+        self._expected_bytes = expected_bytes
+
     def setup(self) -> None:
         super().setup()
+        Progress.expect(self._expected_bytes)
         self._records = Metrics.counter(NAMESPACE, "input_records")
         self._dead = Metrics.counter(NAMESPACE, "dead_letter_records")
         self._bytes = Metrics.counter(NAMESPACE, "input_bytes")
@@ -57,8 +62,8 @@ class ReadTasks(_ReaderFn):
             else:
                 if record.offset == 0:  # later segments belong to the same document
                     self._records.inc()
-                    Progress.add(documents=1)
                 self._bytes.inc(len(record.data))
+                Progress.add("reading", items=int(record.offset == 0), bytes=len(record.data))
                 yield record
 
 
@@ -85,5 +90,6 @@ class ReadCorpus(beam.PTransform):
             | "ListShards" >> beam.Create(self._shards, reshuffle=False)
             | "PlanReadTasks" >> beam.ParDo(PlanReadTasks(self._reader_kwargs, self._split_bytes))
             | "SpreadTasks" >> beam.Reshuffle()
-            | "ReadTasks" >> beam.ParDo(ReadTasks(self._reader_kwargs)).with_outputs(DEAD_LETTER, main="main")
+            | "ReadTasks" >> beam.ParDo(ReadTasks(self._reader_kwargs, sum(s.size for s in self._shards)))
+            .with_outputs(DEAD_LETTER, main="main")
         )

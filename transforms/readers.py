@@ -21,6 +21,7 @@ import fsspec
 from lmc_audit.transforms.records import DeadLetter, Document, ReadTask, ShardSpec
 
 Record = Document | DeadLetter
+MISSING = object()  # a record without the text field, as opposed to one whose field is null
 
 
 class ShardReader:
@@ -61,9 +62,11 @@ class ShardReader:
             doc_id = self.default_id(shard, position)
         elif not isinstance(doc_id, str):
             doc_id = json.dumps(doc_id) if not isinstance(doc_id, (bytes, bytearray)) else bytes(doc_id).decode("utf-8", "backslashreplace")
-        if text is None:
+        if text is MISSING:
             return DeadLetter(shard.path, shard.index, position, doc_id,
                               f"missing text field {self.text_field!r}")
+        if text is None:
+            return DeadLetter(shard.path, shard.index, position, doc_id, f"text field {self.text_field!r} is null")
         if isinstance(text, str):
             try:
                 data = text.encode("utf-8")
@@ -131,6 +134,7 @@ class JsonlReader(ShardReader):
         shard = task.shard
         line_no = task.first_row
         pos = task.byte_start
+        records = 0
         try:
             with self._open(shard) as f:
                 if task.byte_start > 0:
@@ -143,10 +147,16 @@ class JsonlReader(ShardReader):
                     record = self._parse(shard, line_no, line)
                     line_no += 1
                     if record is not None:
+                        records += 1
                         yield record
         except Exception as exc:
             yield DeadLetter(shard.path, shard.index, line_no, None,
                              f"shard unreadable from line {line_no} on: {type(exc).__name__}: {exc}")
+            return
+        if records == 0 and task.byte_start == 0:
+            # An empty (or all-blank) file is in the manifests and the report, not silently absent.
+            yield DeadLetter(shard.path, shard.index, -1, None,
+                             "empty file: no records" if line_no == 0 else "no records: every line is blank")
 
     def _parse(self, shard: ShardSpec, line_no: int, line: bytes) -> Record | None:
         if not line.strip():
@@ -160,7 +170,7 @@ class JsonlReader(ShardReader):
         if not isinstance(obj, dict):
             return DeadLetter(shard.path, shard.index, line_no, None, f"JSON line is a {type(obj).__name__}, not an object")
         doc_id = obj.get(self.id_field) if self.id_field else None
-        return self._document(shard, line_no, obj.get(self.text_field), doc_id)
+        return self._document(shard, line_no, obj.get(self.text_field, MISSING), doc_id)
 
 
 class ParquetReader(ShardReader):
@@ -205,6 +215,9 @@ class ParquetReader(ShardReader):
         except Exception as exc:
             yield DeadLetter(shard.path, shard.index, row, None,
                              f"shard unreadable from row {row} on: {type(exc).__name__}: {exc}")
+            return
+        if row == 0 and task.row_group is None:
+            yield DeadLetter(shard.path, shard.index, -1, None, "empty file: no rows")
 
 
 READERS: dict[str, type[ShardReader]] = {"text": TextReader, "jsonl": JsonlReader, "parquet": ParquetReader}

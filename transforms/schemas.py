@@ -7,6 +7,7 @@ import pyarrow as pa
 CHUNKS = pa.schema([
     pa.field("doc_id", pa.string(), nullable=False),
     pa.field("shard", pa.string(), nullable=False),
+    pa.field("position", pa.int64(), nullable=False),
     pa.field("chunk_index", pa.int32(), nullable=False),
     pa.field("offset", pa.int64(), nullable=False),
     pa.field("bytes", pa.int32(), nullable=False),

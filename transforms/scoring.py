@@ -19,7 +19,6 @@ from apache_beam.transforms.util import SortAndBatchElements
 from lmc_audit.transforms import payloads
 from lmc_audit.transforms.model_handler import CausalLMHandler, CodingOptions
 from lmc_audit.transforms.model_loading import validate_model_spec
-from lmc_audit.transforms.progress import Progress
 from lmc_audit.transforms.records import ScoredChunk, TokenizedChunk
 from lmc_audit.transforms.tokenization import FLAGGED, TokenizeChunksFn
 
@@ -47,11 +46,6 @@ class StoreUncodable(beam.DoFn):
         data = scored.chunk.data
         yield dataclasses.replace(scored, payload=payloads.stored(data, self._coding.fingerprint),
                                   coded_bits=8 * len(data))
-
-
-def _report(scored: ScoredChunk) -> ScoredChunk:
-    Progress.add(chunks=1, bytes=len(scored.chunk.data))
-    return scored
 
 
 class ScoreChunks(beam.PTransform):
@@ -92,5 +86,4 @@ class ScoreChunks(beam.PTransform):
             (scored, tokenized[FLAGGED], failed_rows)
             | "AllChunks" >> beam.Flatten()
             | "StoreUncodable" >> beam.ParDo(StoreUncodable(self._coding))
-            | "Progress" >> beam.Map(_report)
         )
