@@ -24,7 +24,7 @@ from apache_beam.options.pipeline_options import GoogleCloudOptions, PipelineOpt
 from lmc_audit.pipelines.run_record import WriteRunRecord, read_record, verification_message, write_record
 from lmc_audit.transforms.chunking import DEFAULT_CHUNK_BYTES, ChunkDocuments
 from lmc_audit.transforms.listing import FORMATS, is_inside, list_shards, normalize_location
-from lmc_audit.transforms.decoding import VerifyPayloads
+from lmc_audit.transforms.decoding import VerifyPayloads, verification_buckets
 from lmc_audit.transforms.dedup import DedupOptions
 from lmc_audit.transforms.find_duplicates import FindDuplicates
 from lmc_audit.transforms.manifests import WriteManifests
@@ -35,6 +35,7 @@ from lmc_audit.transforms.read_corpus import DEAD_LETTER, NAMESPACE, ReadCorpus
 from lmc_audit.transforms.scoring import ScoreChunks
 from lmc_audit.transforms.signals import SignalOptions
 
+VERIFY_ROWS = 64  # chunks per verification decode group
 MANIFEST_DIRS = ("chunks", "documents", "shards", "dead_letter", "payloads", "duplicates")
 
 
@@ -471,7 +472,8 @@ def run(argv: list[str] | None = None, test_pipeline: beam.Pipeline | None = Non
         record_inputs["scored"] = scored
     if args.coding and args.verify_fraction > 0:
         record_inputs["verification"] = scored | "VerifyPayloads" >> VerifyPayloads(
-            args.model, args.verify_fraction, args.device, args.trust_remote_code, args.coding_rows)
+            args.model, args.verify_fraction, args.device, args.trust_remote_code, VERIFY_ROWS,
+            verification_buckets(args.verify_fraction, sum(s.size for s in shards), args.chunk_bytes, VERIFY_ROWS))
     # Committed shards were not read: their records count as their documents and dead letters.
     kept_records = sum(row["documents"] + row["dead_letters"] for _, _, row in committed)
     model = {"spec": args.model, "name": Path(model_dir).name if args.model == BUNDLED else args.model,

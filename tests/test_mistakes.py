@@ -253,3 +253,38 @@ def test_null_text_field_says_null(tmp_path, tiny_byte_model):
     run(["--input", str(corpus), "--output", str(out), "--model", tiny_byte_model, *FAST])
     reasons = sorted(r["reason"] for r in _rows(out, "dead_letter"))
     assert reasons == ["missing text field 'text'", "text field 'text' is null"]
+
+
+def test_model_cache_is_atomic(tmp_path, tiny_byte_model):
+    """A model given as a URL is fetched into the cache whole or not at all (staging folder renamed)."""
+    import fsspec
+
+    from lmc_audit.transforms.model_loading import resolve_model_dir
+
+    mem = fsspec.filesystem("memory")
+    for p in Path(tiny_byte_model).iterdir():
+        mem.pipe_file(f"/models/tiny/{p.name}", p.read_bytes())
+    cache = tmp_path / "cache"
+    local = Path(resolve_model_dir("memory://models/tiny", cache_dir=str(cache)))
+    assert (local / ".complete").exists() and (local / "config.json").exists()
+    assert resolve_model_dir("memory://models/tiny", cache_dir=str(cache)) == str(local)
+    # A fetch that fails midway leaves nothing that looks complete, and no staging folder.
+    mem.pipe_file("/models/broken/config.json", b"{}")
+    mem.pipe_file("/models/broken/weights.safetensors", b"x")
+
+    class Boom(RuntimeError):
+        pass
+
+    original = type(mem).get
+
+    def failing_get(self, *args, **kwargs):
+        raise Boom("connection lost")
+
+    type(mem).get = failing_get
+    try:
+        with pytest.raises(Boom):
+            resolve_model_dir("memory://models/broken", cache_dir=str(cache))
+    finally:
+        type(mem).get = original
+    models = cache / "models"
+    assert [p.name for p in models.iterdir() if p.is_dir()] == [local.name]
