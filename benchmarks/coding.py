@@ -184,7 +184,8 @@ def _job(args: list[str]) -> float:
 
 
 def bench_jobs(workdir: Path) -> dict:
-    """Whole jobs, one run each: --no-coding against the default (coding, 1% verification), on the sample and
+    """Whole jobs, one run each: --no-coding, coding without verification and the default (coding, 1%
+    verification), on the sample and
     on a 2 MB corpus; and decoding every payload of the sample job with `lmc-audit decode`."""
     import subprocess
     import sys
@@ -193,10 +194,13 @@ def bench_jobs(workdir: Path) -> dict:
     corpora = {"sample": ["--sample"], "stdlib_2mb": ["--input", str(_corpus_2mb(workdir)), "--id-field", "id"]}
     for name, source in corpora.items():
         scoring = _job([*source, "--output", str(workdir / f"{name}-nocoding"), "--no-coding"])
+        unverified = _job([*source, "--output", str(workdir / f"{name}-unverified"), "--verify-fraction", "0"])
         default = _job([*source, "--output", str(workdir / f"{name}-default")])
         record = json.loads((workdir / f"{name}-default" / "run.json").read_text())
         out[name] = {"bytes": record["counts"]["bytes"], "no_coding_job_s": round(scoring, 1),
                      "default_job_s": round(default, 1), "default_over_no_coding": round(default / scoring, 3),
+                     "unverified_job_s": round(unverified, 1),
+                     "verification_share": round((default - unverified) / unverified, 3),
                      "schemes": record["coding"]["schemes"], "verified": record["coding"]["verified"],
                      "coded_overhead": record["coding"]["overhead_vs_ideal"]}
     t0 = time.perf_counter()

@@ -84,7 +84,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="auto: bfloat16 weights on CUDA devices that support it, float32 on CPU; bf16-autocast: "
                         "float32 weights with matmuls in bfloat16 under torch.autocast")
     m.add_argument("--scoring-accelerator", default=None,
-                   help="Dataflow right fitting: a Beam accelerator resource hint for the scoring steps only, e.g. "
+                   help="Dataflow right fitting: a Beam accelerator resource hint for every step that runs a model "
+                        "(scoring, reference model, NCD, payload verification), e.g. "
                         "'type:nvidia-l4;count:1;install-nvidia-driver' (reading and writing stay on CPU workers)")
     m.add_argument("--trust-remote-code", action="store_true",
                    help="let transformers run code shipped with the model (off by default)")
@@ -473,7 +474,8 @@ def run(argv: list[str] | None = None, test_pipeline: beam.Pipeline | None = Non
     if args.coding and args.verify_fraction > 0:
         record_inputs["verification"] = scored | "VerifyPayloads" >> VerifyPayloads(
             args.model, args.verify_fraction, args.device, args.trust_remote_code, VERIFY_ROWS,
-            verification_buckets(args.verify_fraction, sum(s.size for s in shards), args.chunk_bytes, VERIFY_ROWS))
+            verification_buckets(args.verify_fraction, sum(s.size for s in shards), args.chunk_bytes, VERIFY_ROWS),
+            args.scoring_accelerator)
     # Committed shards were not read: their records count as their documents and dead letters.
     kept_records = sum(row["documents"] + row["dead_letters"] for _, _, row in committed)
     model = {"spec": args.model, "name": Path(model_dir).name if args.model == BUNDLED else args.model,

@@ -67,9 +67,30 @@ def test_clusters_keep_the_first_document_in_input_order():
 
 
 def test_star_pairs_are_linear_and_capped():
-    members = [(0, i, f"d{i}") for i in range(5)] * 2
-    assert list(dedup.star_pairs(members, 100)) == [((0, 0, "d0"), (0, i, f"d{i}")) for i in range(1, 5)]
-    assert len(list(dedup.star_pairs(members, 3))) == 2
+    members = [(0, i, f"d{i}") for i in reversed(range(5))]
+    assert list(dedup.star_pairs(iter(members), 100)) == [((0, 0, "d0"), (0, i, f"d{i}")) for i in range(1, 5)]
+    assert list(dedup.star_pairs(iter(members), 3)) == [((0, 0, "d0"), (0, 1, "d1")), ((0, 0, "d0"), (0, 2, "d2"))]
+
+
+def test_an_exact_cluster_larger_than_the_bucket_cap_is_whole(tmp_path, tiny_byte_model):
+    """Copies of the most repeated text are never capped, need no NCD forward, and stay out of the
+    near-duplicate buckets (which are capped at --dedup-max-bucket)."""
+    text = " ".join(f"word{i}" for i in range(60))
+    docs = [{"id": f"copy{i}", "text": text if i % 2 else text.upper()} for i in range(9)]
+    docs.append({"id": "other", "text": " ".join(f"term{i}" for i in range(60))})
+    (tmp_path / "c.jsonl").write_text("".join(json.dumps(d) + "\n" for d in docs))
+    out = tmp_path / "out"
+    record = run(["--input", str(tmp_path / "c.jsonl"), "--output", str(out), "--id-field", "id", "--quiet",
+                  "--no-coding", "--model", tiny_byte_model, "--chunk-bytes", "256", "--dedup-max-bucket", "3"])
+    rows = ds.dataset(out / "duplicates", format="parquet").to_table().to_pylist()
+    copies = {r["doc_id"]: r for r in rows}
+    assert set(copies) == {f"copy{i}" for i in range(9)}
+    assert {r["cluster_size"] for r in rows} == {9} and {r["kept_doc_id"] for r in rows} == {"copy0"}
+    assert all(r["reason"] == "exact" and r["ncd"] is None for r in rows if not r["keep"])
+    metrics = record["job_metrics"]
+    assert "padding_fraction" in metrics  # the counters were collected
+    # No candidate pair was scored for NCD: the copies never met in a near-duplicate bucket.
+    assert metrics.get("dedup_candidate_pairs", 0) == 0 and metrics.get("dedup_capped_buckets", 0) == 0
 
 
 def _texts() -> list[str]:
@@ -141,7 +162,8 @@ def test_pipeline_finds_planted_duplicates_and_keeps_unrelated_apart(planted):
     assert rows["edit1"]["jaccard"] > 0.7
     # NCD is the definition applied to the model's bits of the first 1024 bytes, each scored from BOS.
     texts = {d["id"]: d["text"].encode() for d in planted_docs()}
-    for orig, copy in (("orig0", "ws0"), ("orig1", "edit1")):
+    assert rows["ws0"]["ncd"] is None and rows["reflow2"]["ncd"] is None  # exact: no NCD forwards
+    for orig, copy in (("orig1", "edit1"),):
         x, y = texts[orig][:1024], texts[copy][:1024]
         cx, cy, cxy = _bundled_bits(x), _bundled_bits(y), _bundled_bits(x + y)
         assert rows[copy]["ncd"] == pytest.approx((cxy - min(cx, cy)) / max(cx, cy), rel=1e-4)

@@ -66,15 +66,26 @@ def _dataflow_flags(env: dict[str, str], *extra: str) -> list[str]:
             "--temp_location=gs://lmc-audit-test/temp", f"--sdk_container_image={env['IMAGE']}", *extra]
 
 
-def test_dataflow_right_fitting_job_asks_for_a_gpu_only_where_it_scores(tmp_path):
-    """The job graph Dataflow would get: GPU hint on the scoring steps only, the image everywhere, and
-    the program returns once the job is built (as under a Flex Template launcher), writing nothing."""
+MODEL_STEPS = ("ScoreChunks", "ScoreReference", "ScoreConcatenations", "VerifyPayloads/Decode")
+
+
+def _runs_a_model(name: str) -> bool:
+    """Every step that runs a model: scoring, the reference model, NCD and payload verification."""
+    return any(name == s or name.startswith(s + "/") or f"/{s}/" in name or name.endswith("/" + s)
+               for s in MODEL_STEPS)
+
+
+def test_dataflow_right_fitting_job_asks_for_a_gpu_exactly_where_a_model_runs(tmp_path):
+    """The job graph Dataflow would get: GPU hint on every step that runs a model (scoring, reference,
+    NCD, verification: a payload coded on a GPU decodes only on one) and on no other, the image
+    everywhere, and the program returns once the job is built (as under a Flex Template launcher),
+    writing nothing."""
     env = _dataflow_env()
     out = tmp_path / "out"
     flags = _dataflow_flags(env, f"--machine_type={env['CPU_MACHINE']}",
                             f"--experiments={env['RIGHT_FIT_EXPERIMENTS']}")
     pipeline = beam.Pipeline(options=PipelineOptions(flags))
-    record = run(["--sample", "--output", str(out), "--quiet",
+    record = run(["--sample", "--output", str(out), "--quiet", "--reference-model", "bundled",
                   f"--scoring-accelerator={env['RIGHT_FIT_ACCELERATOR']}", *flags], test_pipeline=pipeline)
     assert record == {"submitted": True, "output": str(out)}
     assert not out.exists(), "a launcher must not write run.json or manifests: the job has not run"
@@ -90,8 +101,10 @@ def test_dataflow_right_fitting_job_asks_for_a_gpu_only_where_it_scores(tmp_path
             (hinted if "beam:resources:accelerator:v1" in hints else plain).add(t.unique_name)
             if t.unique_name in hinted:
                 assert hints["beam:resources:accelerator:v1"] == env["RIGHT_FIT_ACCELERATOR"].encode()
-    assert hinted and all(n.split("/")[0] == "ScoreChunks" or "ScoreConcatenations" in n.split("/")
-                          for n in hinted)
+    assert all(_runs_a_model(n) for n in hinted), sorted(n for n in hinted if not _runs_a_model(n))
+    assert not any(_runs_a_model(n) for n in plain), sorted(n for n in plain if _runs_a_model(n))
+    for step in MODEL_STEPS:
+        assert any(step in n for n in hinted), f"no hinted step runs {step}"
     assert any(n.startswith("ReadCorpus/") for n in plain) and any(n.startswith("WriteManifests/") for n in plain)
     assert any(n.startswith("WriteRunRecord/") for n in plain)
 

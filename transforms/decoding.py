@@ -217,7 +217,10 @@ class VerifyPayloads(beam.PTransform):
     iterated, never held whole, so memory stays at one decode group."""
 
     def __init__(self, model_spec: str, fraction: float, device: str = "auto", trust_remote_code: bool = False,
-                 batch_rows: int = 64, buckets: int = 1):
+                 batch_rows: int = 64, buckets: int = 1, accelerator: str | None = None):
+        """``accelerator``: the Beam resource hint of the decode step under right fitting. Payloads coded
+        on a GPU decode only on that kind of device, so the step that runs the model goes where the
+        scoring ran; picking and grouping the sample stay on CPU workers."""
         super().__init__()
         if not 0.0 <= fraction <= 1.0:
             raise ValueError(f"the verified fraction must be in [0, 1], got {fraction}")
@@ -227,9 +230,13 @@ class VerifyPayloads(beam.PTransform):
         self._fraction = fraction
         self._batch_rows = batch_rows
         self._buckets = buckets
+        self._accelerator = accelerator
 
     def expand(self, scored):
         fraction, buckets = self._fraction, self._buckets
+        decode = beam.ParDo(self._fn)
+        if self._accelerator:
+            decode = decode.with_resource_hints(accelerator=self._accelerator)
         return (
             scored
             | "PickSample" >> beam.Filter(lambda s: s.payload is not None
@@ -238,5 +245,5 @@ class VerifyPayloads(beam.PTransform):
                 lambda s: ((s.padded_length, int.from_bytes(s.chunk.sha256[8:12], "big") % buckets), s))
             | "Group" >> beam.GroupByKey()
             | "Batch" >> beam.FlatMap(_batches, self._batch_rows)
-            | "Decode" >> beam.ParDo(self._fn)
+            | "Decode" >> decode
         )

@@ -5,10 +5,14 @@ Chain (README, "Duplicates"):
 1. ``DocSketch`` per document (made where a shard's manifests are written,
    which holds each whole document): a normalized-content hash, the sorted set
    of word n-gram hashes, a MinHash signature, the first chunk and its bits.
-2. Exact: GroupByKey on the normalized hash.
+2. Exact: GroupByKey on the normalized hash; every member is joined to the
+   group's first member, however large the group (never capped: the most
+   repeated text is the one that matters most), with no Jaccard or NCD.
 3. Near: one key per LSH band (``bands`` x ``rows`` hashes), GroupByKey; in a
    bucket every member is paired with the bucket's first member (a star, as
-   datatrove does: n-1 pairs, not n^2).
+   datatrove does: n-1 pairs, not n^2); a bucket above ``max_bucket`` members
+   pairs only its first ``max_bucket`` and is counted (``dedup_capped_buckets``).
+   Pairs of equal normalized text are left to step 2.
 4. Candidate pairs are joined to both sketches (two CoGroupByKeys) and
    verified: true Jaccard of the n-gram sets, and the model's normalized
    compression distance on the documents' first ``ncd_bytes`` bytes,
@@ -31,6 +35,7 @@ before 2.0) with the same seed and size.
 from __future__ import annotations
 
 import hashlib
+import heapq
 import struct
 import unicodedata
 from collections.abc import Iterable, Iterator
@@ -54,7 +59,7 @@ class DedupOptions:
     jaccard_threshold: float = 0.5
     ncd_threshold: float = 0.3
     ncd_bytes: int = 1024
-    max_bucket: int = 1000  # members of one bucket paired; larger buckets are counted, capped
+    max_bucket: int = 1000  # members of one near-duplicate bucket paired; larger ones are counted, capped
 
     def __post_init__(self):
         if self.ngram < 1 or self.bands < 1 or self.rows < 1:
@@ -152,19 +157,54 @@ def ncd(cx: float | None, cy: float | None, cxy: float | None) -> float | None:
     return (cxy - min(cx, cy)) / max(cx, cy)
 
 
-def band_keys(sketch: DocSketch, options: DedupOptions) -> Iterator[tuple[bytes, DocKey]]:
-    sig = np.frombuffer(sketch.signature, np.uint32)
-    # An empty text has no n-grams: only exact dedup can match it.
-    for band in range(options.bands if sketch.shingles else 0):
+def band_keys(key: DocKey, signature: bytes, options: DedupOptions) -> Iterator[tuple[bytes, DocKey]]:
+    """One LSH bucket key per band of the signature; none for an empty signature (a text without n-grams,
+    which only exact dedup can match)."""
+    sig = np.frombuffer(signature, np.uint32)
+    for band in range(options.bands if signature else 0):
         part = sig[band * options.rows:(band + 1) * options.rows]
-        yield band.to_bytes(2, "big") + hashlib.sha1(part.tobytes()).digest()[:12], sketch.key
+        yield band.to_bytes(2, "big") + hashlib.sha1(part.tobytes()).digest()[:12], key
+
+
+ExactMember = tuple[DocKey, str, bytes]  # (document, shard, MinHash signature or b"" without n-grams)
+
+
+def exact_member(sketch: DocSketch) -> tuple[str, ExactMember]:
+    return sketch.normalized_hash, (sketch.key, sketch.shard, sketch.signature if sketch.shingles else b"")
+
+
+def _first(members: Iterable[ExactMember]) -> ExactMember:
+    return min(members, key=lambda m: m[0])
+
+
+def exact_edges(element: tuple[str, Iterable[ExactMember]]) -> Iterator[Edge]:
+    """Every document of one normalized text joined to the first in input order: never capped.
+
+    The most repeated text of a corpus is the one dedup most needs to catch, so an exact group is
+    joined whole. Memory stays constant: one pass finds the first member, a second streams the edges
+    (a grouped value is re-iterable in Beam). The texts are equal: no Jaccard or NCD is needed."""
+    text_hash, members = element
+    first = _first(members)
+    for key, shard, _ in members:
+        if key != first[0]:
+            yield Edge(first[0], key, 1.0, None, (first[1], text_hash), (shard, text_hash))
+
+
+def representative_band_keys(element: tuple[str, Iterable[ExactMember]],
+                             options: DedupOptions) -> Iterator[tuple[bytes, DocKey]]:
+    """Band keys of each distinct text's first document only: copies of one text join their cluster
+    through exact edges, so they never crowd the near-duplicate buckets."""
+    _, members = element
+    key, _, signature = _first(members)
+    yield from band_keys(key, signature, options)
 
 
 def star_pairs(members: Iterable[DocKey], max_bucket: int) -> Iterator[tuple[DocKey, DocKey]]:
-    """Each member paired with the bucket's first member in input order."""
-    ordered = sorted(set(members))
-    for other in ordered[1:max_bucket]:
-        yield ordered[0], other
+    """Each member paired with the bucket's first member in input order; of a bucket larger than
+    ``max_bucket``, the first ``max_bucket`` members. Holds ``max_bucket`` keys, whatever the bucket."""
+    smallest = heapq.nsmallest(max_bucket, members)  # members are distinct: one key per document
+    for other in smallest[1:]:
+        yield smallest[0], other
 
 
 class _Components:

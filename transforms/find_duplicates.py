@@ -33,10 +33,18 @@ class PairBuckets(beam.DoFn):
 
     def process(self, element) -> Iterator[tuple[dedup.DocKey, dedup.DocKey]]:
         _, members = element
-        members = list(members)
-        if len(set(members)) > self._max_bucket:
+        size = 0
+
+        def counted():
+            nonlocal size
+            for m in members:
+                size += 1
+                yield m
+
+        pairs = list(dedup.star_pairs(counted(), self._max_bucket))  # at most max_bucket - 1
+        if size > self._max_bucket:
             self._capped.inc()
-        yield from dedup.star_pairs(members, self._max_bucket)
+        yield from pairs
 
 
 def _attach_first(element) -> Iterator[tuple[dedup.DocKey, DocSketch]]:
@@ -86,11 +94,10 @@ class VerifyPair(beam.DoFn):
         bits = dict(grouped["scored"])
         distance = dedup.ncd(bits.get("x"), bits.get("y"), bits.get("xy"))
         for a, b, jac in grouped["pair"]:
-            same_text = a.normalized_hash == b.normalized_hash
-            if (same_text or jac >= self._options.jaccard_threshold
-                    or (distance is not None and distance <= self._options.ncd_threshold)):
+            if jac >= self._options.jaccard_threshold or (distance is not None
+                                                          and distance <= self._options.ncd_threshold):
                 self._verified.inc()
-                yield Edge(a.key, b.key, 1.0 if same_text else jac, distance,
+                yield Edge(a.key, b.key, jac, distance,
                            (a.shard, a.normalized_hash), (b.shard, b.normalized_hash))
 
 
@@ -108,15 +115,15 @@ class FindDuplicates(beam.PTransform):
 
     def expand(self, sketches):
         o = self._options
-        exact = (sketches
-                 | "KeyByNormalizedHash" >> beam.Map(lambda s: (s.normalized_hash, s.key))
-                 | "GroupByNormalizedHash" >> beam.GroupByKey()
-                 | "ExactPairs" >> beam.ParDo(PairBuckets(o.max_bucket)))
-        near = (sketches
-                | "BandKeys" >> beam.FlatMap(dedup.band_keys, o)
-                | "GroupByBand" >> beam.GroupByKey()
-                | "BucketPairs" >> beam.ParDo(PairBuckets(o.max_bucket)))
-        pairs = (exact, near) | "AllPairs" >> beam.Flatten() | "UniquePairs" >> beam.Distinct()
+        texts = (sketches
+                 | "KeyByNormalizedHash" >> beam.Map(dedup.exact_member)
+                 | "GroupByNormalizedHash" >> beam.GroupByKey())
+        exact = texts | "ExactEdges" >> beam.FlatMap(dedup.exact_edges)
+        pairs = (texts
+                 | "BandKeys" >> beam.FlatMap(dedup.representative_band_keys, o)
+                 | "GroupByBand" >> beam.GroupByKey()
+                 | "BucketPairs" >> beam.ParDo(PairBuckets(o.max_bucket))
+                 | "UniquePairs" >> beam.Distinct())
         keyed = sketches | "KeyByDoc" >> beam.Map(lambda s: (s.key, s))
         firsts = ({"sketch": keyed, "pairs": pairs}
                   | "JoinFirst" >> beam.CoGroupByKey() | "AttachFirst" >> beam.FlatMap(_attach_first))
@@ -129,10 +136,12 @@ class FindDuplicates(beam.PTransform):
                       | "KeyByPair" >> beam.Map(_key_by_pair))
         else:
             scored = sketches.pipeline | "NoNcd" >> beam.Create([])
+        near = ({"pair": joined.pairs, "scored": scored}
+                | "JoinNcd" >> beam.CoGroupByKey()
+                | "Verify" >> beam.ParDo(VerifyPair(o)))
         return (
-            {"pair": joined.pairs, "scored": scored}
-            | "JoinNcd" >> beam.CoGroupByKey()
-            | "Verify" >> beam.ParDo(VerifyPair(o))
+            (exact, near)
+            | "AllEdges" >> beam.Flatten()
             | "CollectEdges" >> beam.combiners.ToList()
             | "Clusters" >> beam.Map(dedup.duplicate_rows)
         )

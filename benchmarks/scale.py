@@ -1,0 +1,148 @@
+"""Scale benchmark: bytes/s and peak memory of the whole job as the corpus grows.
+
+A tiny random byte-level model (1 layer, width 32) makes the model's share small, so what is
+measured is the host path: listing, reading, chunking, baselines, coding, writing, dedup. Corpora
+are real text available offline (the Python standard library's sources, repeated with a counter so
+that no two documents are equal):
+
+- ``small``: one JSONL shard of about 4 MB;
+- ``large``: one JSONL shard of about 40 MB plus one 10 MB single-document text file.
+
+Each job runs in its own process (``lmc-audit run``, DirectRunner); its peak RSS comes from
+``wait4`` (the kernel's high-water mark of the process and the workers it waited for).
+``--profile`` adds a cProfile of the small job (top functions by cumulative time).
+
+    python benchmarks/scale.py --json benchmarks/results/scale.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import sysconfig
+import time
+from pathlib import Path
+
+
+def tiny_model(path: Path) -> str:
+    import torch
+
+    from lmc_audit.pipelines.default_model.train import build_model
+
+    if not (path / "config.json").exists():
+        torch.manual_seed(0)
+        build_model(hidden=32, layers=1, heads=2, ffn=64, max_positions=4096).save_pretrained(path)
+    return str(path)
+
+
+def _texts():
+    stdlib = Path(sysconfig.get_paths()["stdlib"])
+    files = sorted(stdlib.rglob("*.py"))
+    round_ = 0
+    while True:
+        for p in files:
+            text = p.read_text("utf-8", errors="replace")
+            if text.strip():
+                yield f"# copy {round_} of {p.name}\n{text}"
+        round_ += 1
+
+
+def jsonl_shard(path: Path, size: int) -> Path:
+    if path.exists() and path.stat().st_size >= size:
+        return path
+    total = 0
+    with open(path, "w") as f:
+        for i, text in enumerate(_texts()):
+            line = json.dumps({"id": f"doc{i}", "text": text}) + "\n"
+            f.write(line)
+            total += len(line)
+            if total >= size:
+                break
+    return path
+
+
+def text_document(path: Path, size: int) -> Path:
+    if path.exists() and path.stat().st_size >= size:
+        return path
+    total = 0
+    with open(path, "w") as f:
+        for text in _texts():
+            f.write(text)
+            total += len(text)
+            if total >= size:
+                break
+    return path
+
+
+def run_job(inputs: list[Path], output: Path, model: str, extra: list[str], profile: Path | None = None) -> dict:
+    cmd = [sys.executable]
+    if profile:
+        cmd += ["-m", "cProfile", "-o", str(profile)]
+    cmd += ["-m", "lmc_audit.pipelines.cli", "run", *[a for p in inputs for a in ("--input", str(p))],
+            "--output", str(output), "--model", model, "--id-field", "id", "--overwrite", "--quiet", *extra]
+    t0 = time.perf_counter()
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    _, status, usage = os.wait4(proc.pid, 0)
+    wall = time.perf_counter() - t0
+    stderr = proc.stderr.read()
+    if os.waitstatus_to_exitcode(status) != 0:
+        raise RuntimeError(f"job failed:\n{stderr[-3000:]}")
+    record = json.loads((output / "run.json").read_text())
+    size = sum(p.stat().st_size for p in inputs)
+    return {"input_bytes": size, "documents": record["counts"]["documents"], "chunks": record["counts"]["chunks"],
+            "wall_s": round(wall, 1), "bytes_per_s": round(size / wall), "peak_rss_mib": round(usage.ru_maxrss / 1024)}
+
+
+def top_functions(profile: Path, n: int = 25) -> list[str]:
+    import io
+    import pstats
+
+    out = io.StringIO()
+    pstats.Stats(str(profile), stream=out).sort_stats("tottime").print_stats(n)
+    return [line for line in out.getvalue().splitlines() if line.strip()][-n:]
+
+
+def main(argv=None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--workdir", default="/tmp/lmc-audit-scale")
+    p.add_argument("--small-mb", type=float, default=4)
+    p.add_argument("--large-mb", type=float, default=40)
+    p.add_argument("--document-mb", type=float, default=10)
+    p.add_argument("--only", choices=["small", "large"], default=None)
+    p.add_argument("--profile", action="store_true")
+    p.add_argument("--json", default=None)
+    p.add_argument("job_args", nargs="*", help="extra `lmc-audit run` flags (after --)")
+    args = p.parse_args(argv)
+    work = Path(args.workdir)
+    (work / "small").mkdir(parents=True, exist_ok=True)
+    (work / "large").mkdir(parents=True, exist_ok=True)
+    model = tiny_model(work / "model")
+    mb = 1 << 20
+    corpora = {
+        "small": [jsonl_shard(work / "small" / "shard.jsonl", int(args.small_mb * mb))],
+        "large": [jsonl_shard(work / "large" / "shard.jsonl", int(args.large_mb * mb)),
+                  text_document(work / "large" / "book.txt", int(args.document_mb * mb))],
+    }
+    result = {"machine": f"{platform.machine()}, {os.cpu_count()} cores", "job_args": args.job_args, "jobs": {}}
+    for name, inputs in corpora.items():
+        if args.only and name != args.only:
+            continue
+        prof = work / f"{name}.prof" if args.profile and name == "small" else None
+        result["jobs"][name] = run_job(inputs, work / f"out-{name}", model, args.job_args, prof)
+        if prof:
+            result["jobs"][name]["profile_top"] = top_functions(prof)
+        print(json.dumps({name: result["jobs"][name]}, indent=2), flush=True)
+    jobs = result["jobs"]
+    if "small" in jobs and "large" in jobs:
+        result["rss_large_over_small"] = round(jobs["large"]["peak_rss_mib"] / jobs["small"]["peak_rss_mib"], 3)
+    if args.json:
+        Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
+    return result
+
+
+if __name__ == "__main__":
+    main()
