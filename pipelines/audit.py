@@ -31,7 +31,7 @@ from lmc_audit.transforms.manifests import WriteManifests
 from lmc_audit.transforms.model_handler import CodingOptions
 from lmc_audit.transforms.model_loading import (BUNDLED, model_fingerprint, resolve_model_dir,
                                                 validate_model_spec)
-from lmc_audit.transforms.read_corpus import DEAD_LETTER, NAMESPACE, ReadCorpus
+from lmc_audit.transforms.read_corpus import DEAD_LETTER, FACTS, NAMESPACE, ReadCorpus
 from lmc_audit.transforms.scoring import ScoreChunks
 from lmc_audit.transforms.signals import SignalOptions
 
@@ -446,8 +446,9 @@ def run(argv: list[str] | None = None, test_pipeline: beam.Pipeline | None = Non
     # Workers import lmc_audit (and its bundled model) from the installed package.
     options.view_as(SetupOptions).save_main_session = False
     pipeline = test_pipeline or beam.Pipeline(options=options)
+    dedup = dedup_options(args)
     read = pipeline | "ReadCorpus" >> ReadCorpus(shards, args.text_field, args.id_field,
-                                                args.chunk_bytes, args.split_bytes)
+                                                args.chunk_bytes, args.split_bytes, dedup)
     unlisted = pipeline | "UnreadableInputs" >> beam.Create(listing_errors, reshuffle=False)
     dead_letters = (read[DEAD_LETTER], unlisted) | "AllDeadLetters" >> beam.Flatten()
     coding = (CodingOptions(fingerprint, args.precision, args.coding_rows, args.coding_block, args.coding_scheme)
@@ -461,10 +462,9 @@ def run(argv: list[str] | None = None, test_pipeline: beam.Pipeline | None = Non
 
     chunks = read.main | "ChunkDocuments" >> ChunkDocuments(args.chunk_bytes)
     scored = chunks | "ScoreChunks" >> scorer(args.model, coding)
-    manifest_inputs = [scored, dead_letters]
+    manifest_inputs = [scored, dead_letters, read[FACTS]]
     if args.reference_model:
         manifest_inputs.append(chunks | "ScoreReference" >> scorer(args.reference_model, None))
-    dedup = dedup_options(args)
     find_duplicates = FindDuplicates(dedup, scorer(args.model, None)) if dedup else None
     written = tuple(manifest_inputs) | "WriteManifests" >> WriteManifests(args.output, signal_options(args),
                                                                    find_duplicates, dedup, commit, committed)

@@ -58,7 +58,56 @@ def test_min_k_mean():
 
 def _scored(doc: str, index: int, data: bytes, bits: float, logp: list[float], z: list[float]) -> ScoredChunk:
     chunk = Chunk(doc, "s", 0, 0, index, 4 * index, data, b"\0" * 32, len(data), len(data), len(data))
-    return ScoredChunk(chunk, len(logp), bits, 8, logp=signals.pack(np.array(logp)), zscores=signals.pack(np.array(z)))
+    return ScoredChunk(chunk, len(logp), bits, 8, logp=signals.summarize(np.array(logp), "logp"),
+                       zscores=signals.summarize(np.array(z), "z"))
+
+
+def _merged(parts: list[np.ndarray], signal: str = "logp") -> signals.SummaryMerger:
+    merger = signals.SummaryMerger(signal)
+    for p in parts:
+        merger.add(signals.summarize(p, signal))
+    return merger
+
+
+def test_summary_min_k_is_exact_where_it_says_so_and_within_one_bin_elsewhere():
+    """A document's Min-K% from its chunks' bounded summaries against the value from all its tokens."""
+    rng = np.random.default_rng(0)
+    cases = [
+        [rng.gamma(2.0, 1.0, 2048).astype(np.float32) * -1 for _ in range(3)],  # a typical document
+        [-rng.gamma(2.0, 1.0, 500).astype(np.float32)],  # one chunk
+        # One chunk much harder than the rest: more than half of its tokens are among the lowest 20%.
+        [np.full(2048, -0.05, np.float32)] * 4 + [-rng.uniform(8, 12, 2048).astype(np.float32)],
+        # A long document: far more values than DOC_LOWEST in its lowest 20%.
+        [-rng.gamma(2.0, 1.0, 2048).astype(np.float32) for _ in range(40)],
+    ]
+    exactness = []
+    for parts in cases:
+        for k in (0.05, 0.2, 0.5):
+            exact = signals.min_k_mean(np.concatenate(parts), k)
+            got, is_exact = _merged(parts).min_k(k)
+            exactness.append(is_exact)
+            if is_exact:
+                assert got == pytest.approx(exact, abs=1e-9)
+            else:
+                assert abs(got - exact) <= 1 / signals.BINS_PER_NAT
+    assert exactness[:2] == [True] * 2 and exactness[3:6] == [True] * 3  # typical document at k <= 0.2; one chunk
+    assert not exactness[7] and not exactness[10]  # the hard chunk and the long document at k = 0.2
+    # A chunk's own Min-K% is exact up to k = 0.5.
+    one = -rng.gamma(2.0, 1.0, 2048).astype(np.float32)
+    for k in (0.01, 0.2, 0.5):
+        assert signals.summary_min_k(signals.summarize(one, "logp"), k) == pytest.approx(
+            signals.min_k_mean(one, k), abs=1e-9)
+
+
+def test_summaries_are_bounded_and_merge_in_any_order_to_the_same_bits():
+    rng = np.random.default_rng(1)
+    parts = [-rng.gamma(2.0, 1.0, 2048).astype(np.float32) for _ in range(30)]
+    s = signals.summarize(parts[0], "logp")
+    assert len(s.lowest) == 4 * 1024 and len(s.bins) // 4 <= 64 * signals.BINS_PER_NAT
+    forward, backward = _merged(parts), _merged(parts[::-1])
+    assert len(forward.lowest) == signals.DOC_LOWEST
+    for k in (0.01, 0.2, 0.9):
+        assert forward.min_k(k) == backward.min_k(k)
 
 
 def test_document_signals_are_over_all_tokens_not_chunk_averages():

@@ -112,14 +112,21 @@ def normalized_hash(data: bytes) -> str:
     return hashlib.sha256(normalize_text(data).encode()).hexdigest()
 
 
+SHINGLE_CAP = 1 << 16  # n-gram hashes a sketch keeps: the smallest, a bottom-k sketch above it
+
+
+def gram_hashes(grams: list[str]) -> np.ndarray:
+    """Sorted unique sha1-32 hashes of n-grams."""
+    hashes = [struct.unpack("<I", hashlib.sha1(g.encode()).digest()[:4])[0] for g in grams]
+    return np.unique(np.array(hashes, np.uint64)).astype(np.uint32)
+
+
 def shingle_hashes(text: str, n: int) -> np.ndarray:
     """Sorted unique sha1-32 hashes of the word n-grams (one n-gram of all words when fewer than n)."""
     words = text.split()
     if not words:
         return np.zeros(0, np.uint32)
-    grams = [" ".join(words[i:i + n]) for i in range(max(1, len(words) - n + 1))]
-    hashes = [struct.unpack("<I", hashlib.sha1(g.encode()).digest()[:4])[0] for g in grams]
-    return np.unique(np.array(hashes, np.uint64)).astype(np.uint32)
+    return gram_hashes([" ".join(words[i:i + n]) for i in range(max(1, len(words) - n + 1))])
 
 
 class MinHasher:
@@ -129,13 +136,16 @@ class MinHasher:
                        for _ in range(num_perm)], dtype=np.uint64)
         self.a, self.b = ab[:, 0].copy(), ab[:, 1].copy()
 
+    BLOCK = 4096  # shingles per [block, num_perm] temporary: 3.5 MiB at 112 permutations
+
     def signature(self, shingles: np.ndarray) -> np.ndarray:
-        if len(shingles) == 0:
-            return np.full(len(self.a), MAX_HASH, np.uint32)
-        h = shingles.astype(np.uint64)[:, None]
-        with np.errstate(over="ignore"):  # uint64 wrap-around is part of the scheme
-            permuted = ((h * self.a + self.b) % MERSENNE) & MAX_HASH
-        return permuted.min(axis=0).astype(np.uint32)
+        out = np.full(len(self.a), MAX_HASH, np.uint64)
+        for start in range(0, len(shingles), self.BLOCK):
+            h = shingles[start:start + self.BLOCK].astype(np.uint64)[:, None]
+            with np.errstate(over="ignore"):  # uint64 wrap-around is part of the scheme
+                permuted = ((h * self.a + self.b) % MERSENNE) & MAX_HASH
+            np.minimum(out, permuted.min(axis=0), out=out)
+        return out.astype(np.uint32)
 
 
 def make_sketch(key: DocKey, shard: str, data: bytes, options: DedupOptions, hasher: MinHasher) -> DocSketch:
@@ -146,7 +156,15 @@ def make_sketch(key: DocKey, shard: str, data: bytes, options: DedupOptions, has
 
 
 def jaccard(a: DocSketch, b: DocSketch) -> float:
+    """Jaccard similarity of the n-gram sets: exact when both sets are whole; when a sketch holds only
+    its ``SHINGLE_CAP`` smallest hashes, the bottom-k estimate (the share of the k smallest hashes of
+    the union that both hold, k the smaller sketch's size; standard error about sqrt(J(1-J)/k))."""
     x, y = np.frombuffer(a.shingles, np.uint32), np.frombuffer(b.shingles, np.uint32)
+    if len(x) >= SHINGLE_CAP or len(y) >= SHINGLE_CAP:
+        k = min(len(x), len(y))
+        union = np.union1d(x, y)[:k]
+        both = np.intersect1d(x, y, assume_unique=True)
+        return float(np.isin(union, both, assume_unique=True).sum() / k) if k else 1.0
     union = len(np.union1d(x, y))
     return len(np.intersect1d(x, y, assume_unique=True)) / union if union else 1.0
 

@@ -4,13 +4,18 @@ Everything about one input shard is grouped on the shard's index and written
 by one worker as ``<manifest>/part-<hash of shard path>.parquet``, rows sorted, with an
 explicit schema. That makes the files byte-identical whatever the batch
 size, bundle boundaries or number of workers, which Beam's ``WriteToParquet``
-does not promise (its sharding follows bundles). Files are written whole
-and then renamed into place (local) or put in one request (object stores),
-so a reader never sees half a file; a retried write produces the same bytes.
+does not promise (its sharding follows bundles). The group carries no text:
+chunks lose their bytes before it, per-token scores are bounded summaries,
+and each document's hashes and sketch were made while it was read. Rows
+stream through ``pq.ParquetWriter`` in row groups into a temporary file
+renamed into place (local) or a multipart upload committed at close (object
+stores), so a reader never sees half a file; a retried write produces the
+same bytes.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 from collections.abc import Iterable, Iterator
@@ -25,13 +30,13 @@ import numpy as np
 from lmc_audit.transforms.progress import Progress
 from lmc_audit.transforms import dedup, payloads, schemas, signals
 from lmc_audit.transforms.dedup import DedupOptions
+from lmc_audit.transforms.document_facts import DocumentFacts, snippet
 from lmc_audit.transforms.records import DeadLetter, ScoredChunk
 from lmc_audit.transforms.signals import SignalOptions
 
 SKETCHES = "sketches"
 STATE_SKETCHES = "_state/sketches"
 STATE_COMMITS = "_state/commits"
-SNIPPET_CHARS = 200
 QUANTILES = (("p05", 0.05), ("p25", 0.25), ("median", 0.5), ("p75", 0.75), ("p95", 0.95))
 
 
@@ -47,12 +52,62 @@ def shard_part_name(shard: str) -> str:
 EMPTY = "empty.parquet"
 
 
+ROW_GROUP_ROWS = 1 << 16  # rows per Parquet row group: what the writer holds as Arrow at once
+
+
 def write_table(output: str, manifest: str, name: str, rows: list[dict], schema: pa.Schema) -> None:
-    Progress.add("writing", items=len(rows))
-    table = pa.Table.from_pylist(rows, schema=schema)
-    sink = pa.BufferOutputStream()
-    pq.write_table(table, sink, compression="zstd")
-    write_bytes(output, manifest, name, sink.getvalue().to_pybytes())
+    write_rows(output, manifest, name, rows, schema)
+
+
+def write_rows(output: str, manifest: str, name: str, rows: Iterable[dict], schema: pa.Schema) -> None:
+    """Streams rows into ``<manifest>/<name>`` through ``pq.ParquetWriter``, one row group per
+    ``ROW_GROUP_ROWS`` rows, so that no whole table is built. The file appears whole or not at all:
+    written under a temporary name and renamed (local), or uploaded in parts that are committed at
+    close and discarded on error (object stores)."""
+    fs, root = fsspec.core.url_to_fs(output)
+    folder = f"{root.rstrip('/')}/{manifest}" if manifest else root.rstrip("/")
+    target = f"{folder}/{name}"
+    protocol = fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
+    local = protocol in ("file", "local")
+    path = f"{folder}/.{name}.tmp" if local else target
+    f = None
+    count = 0
+    try:
+        fs.makedirs(folder, exist_ok=True)
+        f = fs.open(path, "wb")
+        with pq.ParquetWriter(f, schema, compression="zstd") as writer:
+            batch: list[dict] = []
+            for row in rows:
+                batch.append(row)
+                if len(batch) == ROW_GROUP_ROWS:
+                    writer.write_table(pa.Table.from_pylist(batch, schema=schema))
+                    count, batch = count + len(batch), []
+            if batch or count == 0:
+                writer.write_table(pa.Table.from_pylist(batch, schema=schema))
+                count += len(batch)
+        f.close()
+        if local:
+            fs.mv(path, target)
+    except Exception as exc:
+        _discard(fs, f, path if local else None)
+        raise OutputWriteError(f"{WRITE_ERROR} {target}: {type(exc).__name__}: {exc}") from exc
+    Progress.add("writing", items=count)
+
+
+def _discard(fs, f, tmp: str | None) -> None:
+    """Leaves nothing that looks like a manifest file after a failed write."""
+    try:
+        if f is not None and not f.closed:
+            discard = getattr(f, "discard", None)
+            if discard is not None and tmp is None:
+                discard()  # object stores: abort the upload
+                f.closed = True  # nothing left to flush
+            else:
+                f.close()
+        if tmp and fs.exists(tmp):
+            fs.rm(tmp)
+    except Exception:
+        pass
 
 
 WRITE_ERROR = "lmc-audit cannot write"  # marks the one-line message `lmc-audit run` prints for it
@@ -104,14 +159,14 @@ def _ratio(numerator: float | None, denominator: float) -> float | None:
 
 def chunk_row(s: ScoredChunk, k: float = 0.2, reference_bits: float | None = None) -> dict:
     c = s.chunk
-    n = len(c.data)
+    n = c.size
     return {
         "doc_id": c.doc_id, "shard": c.shard, "position": c.position, "chunk_index": c.chunk_index,
         "offset": c.offset,
         "bytes": n, "tokens": s.tokens, "bits": s.bits, "bpb": _ratio(s.bits, n), "coded_bits": s.coded_bits,
         "zlib_bits": 8 * c.zlib_bytes, "zstd_bits": 8 * c.zstd_bytes, "xz_bits": 8 * c.xz_bytes,
-        "min_k": signals.min_k_mean(signals.unpack(s.logp), k),
-        "min_k_pp": signals.min_k_mean(signals.unpack(s.zscores), k),
+        "min_k": signals.summary_min_k(s.logp, k),
+        "min_k_pp": signals.summary_min_k(s.zscores, k),
         "reference_bits": reference_bits,
         "padded_length": s.padded_length, "sha256": c.sha256, "flags": list(s.flags),
     }
@@ -120,39 +175,46 @@ def chunk_row(s: ScoredChunk, k: float = 0.2, reference_bits: float | None = Non
 def _signal_columns(chunks: list[ScoredChunk], scored: list[ScoredChunk], bits: float | None,
                     scored_bytes: int, references: list[float | None] | None, options: SignalOptions) -> dict:
     zlib_scored = 8 * sum(s.chunk.zlib_bytes for s in scored)
-    logp = np.concatenate([signals.unpack(s.logp) for s in scored]) if scored else np.zeros(0, "<f4")
-    z = np.concatenate([signals.unpack(s.zscores) for s in scored]) if scored else np.zeros(0, "<f4")
+    logp, z = signals.SummaryMerger("logp"), signals.SummaryMerger("z")
+    for s in scored:
+        logp.add(s.logp)
+        z.add(s.zscores)
     ref_bits = ref_bpb = diff = None
     if references is not None and scored and all(r is not None for r in references):
         ref_bits = 0.0
         for r in references:
             ref_bits += r
-        ref_bpb = _ratio(ref_bits, sum(len(s.chunk.data) for s in chunks))
+        ref_bpb = _ratio(ref_bits, sum(s.chunk.size for s in chunks))
         # Both over all of the document's bytes: only when every chunk was scored by both models.
         if len(scored) == len(chunks):
             diff = _ratio(bits, scored_bytes) - ref_bpb
     return {
         "zlib_ratio": _ratio(bits, zlib_scored),
-        "min_k": signals.min_k_mean(logp, options.k),
-        "min_k_pp": signals.min_k_mean(z, options.k),
+        "min_k": logp.min_k(options.k)[0],
+        "min_k_pp": z.min_k(options.k)[0],
         "reference_bits": ref_bits, "reference_bpb": ref_bpb, "reference_diff_bpb": diff,
     }
 
 
 def document_row(chunks: list[ScoredChunk], options: SignalOptions = SignalOptions(),
-                 references: list[float | None] | None = None, normalized_hash: str | None = None) -> dict:
-    """One document from its chunks, given in chunk order (``references``: the reference model's bits;
-    ``normalized_hash``: when the caller has normalized the text already, as a dedup sketch does)."""
+                 references: list[float | None] | None = None, facts: DocumentFacts | None = None) -> dict:
+    """One document from its chunks, given in chunk order (their bytes may be dropped already), and its
+    ``facts`` (hashes and snippet, made while it was read; from the chunks' bytes when not given).
+    ``references``: the reference model's bits per chunk."""
     first = chunks[0].chunk
-    n_bytes = sum(len(s.chunk.data) for s in chunks)
+    n_bytes = sum(s.chunk.size for s in chunks)
     scored = [s for s in chunks if s.bits is not None]
     bits = None
     if scored:
         bits = 0.0
         for s in scored:  # fixed order: the same float on every run
             bits += s.bits
-    scored_bytes = sum(len(s.chunk.data) for s in scored)
-    content = hashlib.sha256(b"".join(s.chunk.sha256 for s in chunks)).hexdigest()
+    scored_bytes = sum(s.chunk.size for s in scored)
+    if facts is None:
+        data = b"".join(s.chunk.data for s in chunks)
+        facts = DocumentFacts((first.shard_index, first.position, first.doc_id), first.shard, len(data),
+                              hashlib.sha256(b"".join(s.chunk.sha256 for s in chunks)).hexdigest(),
+                              dedup.normalized_hash(data), snippet(data))
     coded = None if any(s.coded_bits is None for s in chunks) else sum(s.coded_bits for s in chunks)
     row = {
         "doc_id": first.doc_id, "shard": first.shard, "position": first.position,
@@ -164,17 +226,12 @@ def document_row(chunks: list[ScoredChunk], options: SignalOptions = SignalOptio
         "zstd_bpb": 8 * sum(s.chunk.zstd_bytes for s in chunks) / n_bytes,
         "xz_bpb": 8 * sum(s.chunk.xz_bytes for s in chunks) / n_bytes,
         **_signal_columns(chunks, scored, bits, scored_bytes, references, options),
-        "content_hash": content,
-        "normalized_hash": normalized_hash or dedup.normalized_hash(b"".join(s.chunk.data for s in chunks)),
-        "snippet": snippet(first.data),
+        "content_hash": facts.content_hash,
+        "normalized_hash": facts.normalized_hash,
+        "snippet": facts.snippet,
     }
     row["memorization_flags"] = options.flags(row)
     return row
-
-
-def snippet(data: bytes, chars: int = SNIPPET_CHARS) -> str:
-    """The document's first characters, whitespace collapsed, for reports."""
-    return " ".join(data[:4 * chars].decode("utf-8", errors="replace").split())[:chars]
 
 
 def quantile(values: list[float], q: float) -> float:
@@ -247,10 +304,10 @@ def dead_letter_row(d: DeadLetter) -> dict:
 
 
 class WriteShardManifests(beam.DoFn):
-    """Writes the chunk, document and dead-letter files of one shard; yields its shard row.
+    """Writes the chunk, document, payload and dead-letter files of one shard; yields its shard row.
 
-    Each whole document is at hand here, so its dedup sketch is made here too
-    (tagged output ``sketches``).
+    The group holds what the rows need and no text: chunks come without their bytes, and each
+    document's hashes, snippet and sketch come as ``DocumentFacts`` made while it was read.
     """
 
     def __init__(self, output: str, signal_options: SignalOptions, dedup_options: DedupOptions | None,
@@ -260,14 +317,12 @@ class WriteShardManifests(beam.DoFn):
         self._dedup = dedup_options
         self._commit = commit or {}  # shard -> {"key", "fingerprint"}: what its commit marker records
 
-    def setup(self) -> None:
-        self._hasher = dedup.MinHasher(self._dedup.num_perm, self._dedup.seed) if self._dedup else None
-
     def process(self, element) -> Iterator[dict]:
         index, grouped = element
         chunks: list[ScoredChunk] = sorted(
             grouped["chunks"], key=lambda s: (s.chunk.position, s.chunk.doc_id, s.chunk.chunk_index))
         dead = sorted(grouped["dead_letter"], key=lambda d: (d.position, d.doc_id or "", d.reason))
+        facts = {(f.key[1], f.key[2]): f for f in grouped["facts"]}
         has_reference = "reference" in grouped
         references = {(r[0], r[1], r[2]): r[3] for r in grouped.get("reference", ())}
         ref_of = [references.get((s.chunk.position, s.chunk.doc_id, s.chunk.chunk_index)) for s in chunks]
@@ -277,40 +332,32 @@ class WriteShardManifests(beam.DoFn):
         for i in range(1, len(chunks) + 1):
             if i == len(chunks) or (chunks[i].chunk.position, chunks[i].chunk.doc_id) != (
                     chunks[start].chunk.position, chunks[start].chunk.doc_id):
-                doc_chunks = chunks[start:i]
-                text_hash = None
-                if self._hasher is not None:
-                    # One normalization per document: the sketch's hash is also the manifest's column.
-                    first = doc_chunks[0].chunk
-                    sketches.append(dedup.make_sketch(
-                        (index, first.position, first.doc_id), first.shard,
-                        b"".join(s.chunk.data for s in doc_chunks), self._dedup, self._hasher))
-                    text_hash = sketches[-1].normalized_hash
-                docs.append(document_row(doc_chunks, self._signals, ref_of[start:i] if has_reference else None,
-                                         text_hash))
+                first = chunks[start].chunk
+                fact = facts.get((first.position, first.doc_id))
+                if fact is not None and fact.sketch is not None:
+                    sketches.append(fact.sketch)
+                docs.append(document_row(chunks[start:i], self._signals,
+                                         ref_of[start:i] if has_reference else None, fact))
                 start = i
         shard = chunks[0].chunk.shard if chunks else dead[0].shard
         name = shard_part_name(shard)
         if chunks:
-            rows = [chunk_row(s, self._signals.k, r) for s, r in zip(chunks, ref_of)]
-            write_table(self._output, "chunks", name, rows, schemas.CHUNKS)
-            write_table(self._output, "documents", name, docs, schemas.DOCUMENTS)
-            coded = [s for s in chunks if s.payload is not None]
-            if coded:
-                write_table(self._output, "payloads", name, [payload_row(s) for s in coded],
-                            schemas.PAYLOADS)
+            write_rows(self._output, "chunks", name, (chunk_row(s, self._signals.k, r) for s, r in zip(chunks, ref_of)),
+                       schemas.CHUNKS)
+            write_rows(self._output, "documents", name, docs, schemas.DOCUMENTS)
+            if any(s.payload is not None for s in chunks):
+                write_rows(self._output, "payloads", name, (payload_row(s) for s in chunks if s.payload is not None),
+                           schemas.PAYLOADS)
         if dead:
-            write_table(self._output, "dead_letter", name, [dead_letter_row(d) for d in dead], schemas.DEAD_LETTER)
+            write_rows(self._output, "dead_letter", name, [dead_letter_row(d) for d in dead], schemas.DEAD_LETTER)
         row = shard_row(shard, docs, len(dead))
         if sketches:
-            write_table(self._output, STATE_SKETCHES, name, [sketch_row(k) for k in sketches], schemas.SKETCHES)
+            write_rows(self._output, STATE_SKETCHES, name, [sketch_row(k) for k in sketches], schemas.SKETCHES)
         # The commit marker comes last: a shard is complete once it exists (incremental runs skip it).
         marker = {"shard": shard, **self._commit.get(shard, {}), "row": row}
         write_bytes(self._output, STATE_COMMITS, name.replace(".parquet", ".json"),
                     json.dumps(marker, sort_keys=True).encode())
         yield row
-        for k in sketches:
-            yield beam.pvalue.TaggedOutput(SKETCHES, k)
 
 
 class WriteShardsTable(beam.DoFn):
@@ -359,13 +406,19 @@ def _by_shard_index(item):
     return item.shard_index, item
 
 
+def _compact_by_shard_index(s: ScoredChunk):
+    """A scored chunk keyed for its shard's group, without its bytes: its rows do not need them."""
+    return s.chunk.shard_index, dataclasses.replace(s, chunk=s.chunk.without_data())
+
+
 def _reference_by_shard(s: ScoredChunk):
     c = s.chunk
     return c.shard_index, (c.position, c.doc_id, c.chunk_index, s.bits)
 
 
 class WriteManifests(beam.PTransform):
-    """Scored chunks and dead letters in (and the reference model's scored chunks); manifests under ``output``.
+    """(scored chunks, dead letters, ``DocumentFacts``[, the reference model's scored chunks]) in; manifests
+    under ``output``.
 
     ``find_duplicates`` (a ``FindDuplicates``) turns the documents' sketches
     into the ``duplicates/`` manifest; without it no dedup runs.
@@ -389,9 +442,10 @@ class WriteManifests(beam.PTransform):
         self._dedup = dedup_options
 
     def expand(self, inputs):
-        chunks, dead_letters, *reference = inputs
-        grouped = {"chunks": chunks | "KeyChunks" >> beam.Map(_by_shard_index),
-                   "dead_letter": dead_letters | "KeyDeadLetters" >> beam.Map(_by_shard_index)}
+        chunks, dead_letters, facts, *reference = inputs
+        grouped = {"chunks": chunks | "KeyChunks" >> beam.Map(_compact_by_shard_index),
+                   "dead_letter": dead_letters | "KeyDeadLetters" >> beam.Map(_by_shard_index),
+                   "facts": facts | "KeyFacts" >> beam.Map(lambda f: (f.key[0], f))}
         if reference:
             grouped["reference"] = reference[0] | "KeyReference" >> beam.Map(_reference_by_shard)
         written = (
@@ -399,13 +453,12 @@ class WriteManifests(beam.PTransform):
             | "GroupByShard" >> beam.CoGroupByKey()
             | "WriteShardFiles" >> beam.ParDo(WriteShardManifests(self._output, self._signals, self._dedup,
                                                                   self._commit))
-            .with_outputs(SKETCHES, main="shards")
         )
-        pipeline = written.shards.pipeline
+        pipeline = written.pipeline
         committed = pipeline | "CommittedShards" >> beam.Create(self._committed, reshuffle=False)
-        shard_rows = ((written.shards, committed | "CommittedRows" >> beam.Map(lambda c: c[2]))
+        shard_rows = ((written, committed | "CommittedRows" >> beam.Map(lambda c: c[2]))
                       | "AllShardRows" >> beam.Flatten())
-        sketches = written[SKETCHES]
+        sketches = facts | "Sketches" >> beam.Map(lambda f: f.sketch)
         if self._committed and self._find_duplicates is not None:
             loaded = (committed | "CommittedShardNames" >> beam.Map(lambda c: (c[0], c[1]))
                       | "LoadCommittedSketches" >> beam.ParDo(LoadCommittedSketches(self._output)))
@@ -415,7 +468,7 @@ class WriteManifests(beam.PTransform):
                           | "FindDuplicates" >> self._find_duplicates
                           | "WriteDuplicates" >> beam.ParDo(WriteDuplicates(self._output)))
         else:
-            duplicates = written.shards.pipeline | "NoDuplicates" >> beam.Create([])
+            duplicates = pipeline | "NoDuplicates" >> beam.Create([])
         return (
             shard_rows
             | "CollectShardRows" >> beam.combiners.ToList()

@@ -289,8 +289,9 @@ class CausalLMHandler(ModelHandler[TokenizedChunk, ScoredChunk, LoadedModel]):
             real += n
             # float64 sum in a fixed order: the same bits on every run.
             bits = float(-np.sum(logp[r, :n], dtype=np.float64) / LN2)
-            scored = ScoredChunk(item.chunk, n, bits, length, logp=signals.pack(logp[r, :n]),
-                                 zscores=signals.pack(z[r, :n]))
+            # The per-token arrays end here: only their bounded summaries travel with the chunk.
+            scored = ScoredChunk(item.chunk, n, bits, length, logp=signals.summarize(logp[r, :n], "logp"),
+                                 zscores=signals.summarize(z[r, :n], "z"))
             if coded:
                 scored = dataclasses.replace(scored, payload=self._payload(item, streams[r], length, recipe),
                                              coded_bits=8 * len(streams[r]), recipe=recipe_text)

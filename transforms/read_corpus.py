@@ -7,11 +7,14 @@ from collections.abc import Iterator, Sequence
 import apache_beam as beam
 from apache_beam.metrics import Metrics
 
+from lmc_audit.transforms.dedup import DedupOptions, MinHasher
+from lmc_audit.transforms.document_facts import DocumentDescriber
 from lmc_audit.transforms.progress import Progress
 from lmc_audit.transforms.readers import READERS, ShardReader
 from lmc_audit.transforms.records import DeadLetter, ReadTask, ShardSpec
 
 DEAD_LETTER = "dead_letter"
+FACTS = "facts"
 NAMESPACE = "lmc_audit"
 
 
@@ -40,11 +43,13 @@ class PlanReadTasks(_ReaderFn):
 
 
 class ReadTasks(_ReaderFn):
-    """Reads one task; documents to the main output, bad records to ``dead_letter``."""
+    """Reads one task; documents to the main output, bad records to ``dead_letter``, and each document's
+    ``DocumentFacts`` (hashes, snippet, dedup sketch) to ``facts``, computed as its bytes stream by."""
 
-    def __init__(self, reader_kwargs: dict, expected_bytes: int = 0):
+    def __init__(self, reader_kwargs: dict, expected_bytes: int = 0, dedup_options: DedupOptions | None = None):
         super().__init__(reader_kwargs)
         self._expected_bytes = expected_bytes
+        self._dedup = dedup_options
 
     def setup(self) -> None:
         super().setup()
@@ -52,29 +57,39 @@ class ReadTasks(_ReaderFn):
         self._records = Metrics.counter(NAMESPACE, "input_records")
         self._dead = Metrics.counter(NAMESPACE, "dead_letter_records")
         self._bytes = Metrics.counter(NAMESPACE, "input_bytes")
+        self._hasher = MinHasher(self._dedup.num_perm, self._dedup.seed) if self._dedup else None
 
     def process(self, task: ReadTask) -> Iterator:
+        describer = None
         for record in self._readers[task.shard.format].read(task):
             if isinstance(record, DeadLetter):
                 self._records.inc()
                 self._dead.inc()
                 yield beam.pvalue.TaggedOutput(DEAD_LETTER, record)
-            else:
-                if record.offset == 0:  # later segments belong to the same document
-                    self._records.inc()
-                self._bytes.inc(len(record.data))
-                Progress.add("reading", items=int(record.offset == 0), bytes=len(record.data))
-                yield record
+                continue
+            if record.offset == 0:  # later segments belong to the same document, and follow it
+                self._records.inc()
+                if describer is not None:
+                    yield beam.pvalue.TaggedOutput(FACTS, describer.finish())
+                describer = DocumentDescriber((record.shard_index, record.position, record.doc_id), record.shard,
+                                              self._reader_kwargs["chunk_bytes"], self._dedup, self._hasher)
+            describer.update(record.data)
+            self._bytes.inc(len(record.data))
+            Progress.add("reading", items=int(record.offset == 0), bytes=len(record.data))
+            yield record
+        if describer is not None:
+            yield beam.pvalue.TaggedOutput(FACTS, describer.finish())
 
 
 class ReadCorpus(beam.PTransform):
     """Reads listed shards into ``Document`` elements.
 
-    Returns a tagged tuple: ``main`` (documents) and ``dead_letter``.
+    Returns a tagged tuple: ``main`` (documents), ``dead_letter`` and ``facts`` (one ``DocumentFacts``
+    per document, with its dedup sketch when ``dedup_options`` are given).
     """
 
     def __init__(self, shards: Sequence[ShardSpec], text_field: str = "text", id_field: str | None = None,
-                 chunk_bytes: int = 2048, split_bytes: int = 64 << 20):
+                 chunk_bytes: int = 2048, split_bytes: int = 64 << 20, dedup_options: DedupOptions | None = None):
         super().__init__()
         if not text_field:
             raise ValueError("text_field must name the field or column that holds the text")
@@ -83,6 +98,7 @@ class ReadCorpus(beam.PTransform):
         self._shards = list(shards)
         self._reader_kwargs = {"text_field": text_field, "id_field": id_field, "chunk_bytes": chunk_bytes}
         self._split_bytes = split_bytes
+        self._dedup = dedup_options
 
     def expand(self, pbegin):
         return (
@@ -90,6 +106,7 @@ class ReadCorpus(beam.PTransform):
             | "ListShards" >> beam.Create(self._shards, reshuffle=False)
             | "PlanReadTasks" >> beam.ParDo(PlanReadTasks(self._reader_kwargs, self._split_bytes))
             | "SpreadTasks" >> beam.Reshuffle()
-            | "ReadTasks" >> beam.ParDo(ReadTasks(self._reader_kwargs, sum(s.size for s in self._shards)))
-            .with_outputs(DEAD_LETTER, main="main")
+            | "ReadTasks" >> beam.ParDo(ReadTasks(self._reader_kwargs, sum(s.size for s in self._shards),
+                                                  self._dedup))
+            .with_outputs(DEAD_LETTER, FACTS, main="main")
         )

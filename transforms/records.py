@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from lmc_audit.transforms.signals import SignalSummary
 
 
 @dataclass(frozen=True)
@@ -56,6 +61,15 @@ class Chunk:
     zlib_bytes: int
     zstd_bytes: int
     xz_bytes: int
+    size: int = -1  # bytes of the chunk; kept when ``data`` is dropped (``without_data``)
+
+    def __post_init__(self):
+        if self.size < 0:
+            object.__setattr__(self, "size", len(self.data))
+
+    def without_data(self) -> "Chunk":
+        """The same chunk without its bytes: what the manifests need once it is scored and coded."""
+        return dataclasses.replace(self, data=b"")
 
 
 @dataclass(frozen=True)
@@ -77,8 +91,9 @@ class ScoredChunk:
     payload: bytes | None = None  # header + bitstream; None when coding is off
     coded_bits: int | None = None  # bits of the bitstream alone
     recipe: str | None = None  # the coding recipe as JSON (what the payload needs to decode)
-    logp: bytes | None = None  # float32 log p(target) per token (nats); None when flagged
-    zscores: bytes | None = None  # float32 Min-K%++ z per token
+    # Bounded summaries of the per-token log p(target) (nats) and Min-K%++ z; None when flagged.
+    logp: "SignalSummary | None" = None
+    zscores: "SignalSummary | None" = None
 
 
 @dataclass(frozen=True)

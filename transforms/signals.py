@@ -8,8 +8,21 @@
 - ``min_k_mean`` is Min-K% Prob (Shi et al. 2023) over log p, and Min-K%++
   (Zhang et al. 2024) over z: the mean of the lowest k% of the values.
 
-The per-token arrays travel with a chunk as float32 bytes, so a document's
-signal is taken over all its tokens, not averaged from its chunks.
+Per-token arrays never travel: where a chunk is scored, each signal's values
+become a ``SignalSummary`` whose size is bounded by the chunk (its lowest half,
+sorted) and by a fixed histogram, and a document's summary is the merge of its
+chunks' (bounded by ``DOC_LOWEST`` values and the histogram, whatever the
+document's length). A document's Min-K% is then:
+
+- exact (the same value as from all of its tokens) when its ``ceil(k * n)``
+  lowest values are all stored, which the summary can tell: every value it does
+  not store is at least ``floor``; this holds for a chunk at k <= 0.5 and for
+  nearly every document below ``DOC_LOWEST / k`` tokens;
+- otherwise estimated from the histogram: whole bins add their exact sums, the
+  bin where the lowest k% ends adds its mean; the error is at most one bin
+  width, ``1 / BINS_PER_NAT`` (tested against the exact value).
+
+Sums are fixed-point integers, so merging in any order gives the same bits.
 """
 
 from __future__ import annotations
@@ -64,6 +77,107 @@ def min_k_mean(values: np.ndarray, k: float) -> float | None:
     m = max(1, math.ceil(k * n))
     lowest = np.sort(values.astype(np.float64))[:m]
     return float(np.sum(lowest) / m)
+
+
+# Histogram of a signal's values: bins of 1/BINS_PER_NAT over [low, high); values outside count in the
+# first or last bin (their sums stay exact). Sums are integers in units of 2^-FIXED_BITS.
+BINS_PER_NAT = 16
+FIXED_BITS = 24
+RANGES = {"logp": (-64.0, 0.0), "z": (-48.0, 16.0)}
+DOC_LOWEST = 4096  # lowest values a document's summary keeps exactly
+
+
+@dataclass(frozen=True)
+class SignalSummary:
+    """What Min-K% needs of one signal's values, in bounded size.
+
+    ``lowest``: float32, ascending, the lowest values stored exactly; every value not stored is at least
+    ``floor`` (inf when all are stored). ``bins``/``counts``/``sums``: the sparse histogram of all values.
+    """
+
+    count: int
+    lowest: bytes
+    floor: float
+    bins: bytes  # int32 bin indices, ascending
+    counts: bytes  # int64
+    sums: bytes  # int64 fixed-point
+
+
+def _fixed(values: np.ndarray) -> np.ndarray:
+    return np.round(values.astype(np.float64) * (1 << FIXED_BITS)).astype(np.int64)
+
+
+def summarize(values: np.ndarray, signal: str, keep: int | None = None) -> SignalSummary:
+    """The summary of one chunk's values (``keep``: how many lowest to store; half of them by default)."""
+    values = np.asarray(values, np.float32)
+    n = len(values)
+    keep = (n + 1) // 2 if keep is None else min(n, keep)
+    ordered = np.sort(values)
+    low, _ = RANGES[signal]
+    nbins = int((RANGES[signal][1] - low) * BINS_PER_NAT)
+    idx = np.clip(np.floor((values.astype(np.float64) - low) * BINS_PER_NAT), 0, nbins - 1).astype(np.int32)
+    bins, inverse = np.unique(idx, return_inverse=True)
+    counts = np.bincount(inverse, minlength=len(bins)).astype(np.int64)
+    sums = np.zeros(len(bins), np.int64)
+    np.add.at(sums, inverse, _fixed(values))
+    floor = float(ordered[keep]) if keep < n else math.inf
+    return SignalSummary(n, ordered[:keep].astype("<f4").tobytes(), floor, bins.tobytes(), counts.tobytes(),
+                         sums.tobytes())
+
+
+class SummaryMerger:
+    """Merges summaries (a document's chunks) in bounded memory: ``DOC_LOWEST`` values and a dense histogram.
+    The result does not depend on the order of the merges."""
+
+    def __init__(self, signal: str):
+        low, high = RANGES[signal]
+        self._nbins = int((high - low) * BINS_PER_NAT)
+        self.count = 0
+        self.lowest = np.zeros(0, np.float32)
+        self.floor = math.inf
+        self.counts = np.zeros(self._nbins, np.int64)
+        self.sums = np.zeros(self._nbins, np.int64)
+
+    def add(self, s: SignalSummary) -> None:
+        self.count += s.count
+        self.floor = min(self.floor, s.floor)
+        merged = np.sort(np.concatenate([self.lowest, np.frombuffer(s.lowest, "<f4")]))
+        if len(merged) > DOC_LOWEST:
+            self.floor = min(self.floor, float(merged[DOC_LOWEST]))
+            merged = merged[:DOC_LOWEST]
+        self.lowest = merged
+        bins = np.frombuffer(s.bins, np.int32)
+        self.counts[bins] += np.frombuffer(s.counts, np.int64)
+        self.sums[bins] += np.frombuffer(s.sums, np.int64)
+
+    def min_k(self, k: float) -> tuple[float | None, bool]:
+        """(Min-K% of all merged values, exact?)."""
+        return min_k_of(self.count, self.lowest, self.floor, self.counts, self.sums, k)
+
+
+def min_k_of(count: int, lowest: np.ndarray, floor: float, counts: np.ndarray, sums: np.ndarray,
+             k: float) -> tuple[float | None, bool]:
+    if count == 0:
+        return None, True
+    m = max(1, math.ceil(k * count))
+    if m <= len(lowest) and float(lowest[m - 1]) <= floor:
+        return float(np.sum(lowest[:m].astype(np.float64)) / m), True
+    # From the histogram: whole bins, then the mean of the bin where the lowest m end.
+    before = np.cumsum(counts) - counts
+    last = int(np.searchsorted(np.cumsum(counts), m))
+    total = int(np.sum(sums[:last]))  # exact integers
+    taken = int(before[last])
+    rest = m - taken
+    value = (total + sums[last] * rest / counts[last]) / (1 << FIXED_BITS)
+    return float(value / m), False
+
+
+def summary_min_k(s: SignalSummary | None, k: float) -> float | None:
+    """Min-K% of one chunk from its summary (its sparse histogram is in bin order, as a dense one)."""
+    if s is None:
+        return None
+    return min_k_of(s.count, np.frombuffer(s.lowest, "<f4"), s.floor, np.frombuffer(s.counts, np.int64),
+                    np.frombuffer(s.sums, np.int64), k)[0]
 
 
 @dataclass(frozen=True)

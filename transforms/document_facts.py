@@ -1,0 +1,152 @@
+"""What a document's manifest row and dedup sketch need of its whole text, computed while it is read.
+
+``DocumentDescriber`` takes a document's bytes in order, in as many pieces as
+the reader yields (a whole JSONL line or Parquet value, or the 64 MiB segments
+of a large text file), and keeps only bounded state: hash objects, the last few
+words, a MinHash signature and at most ``SHINGLE_CAP`` n-gram hashes. So no
+later stage joins a document's bytes back together, whatever its size.
+
+- ``content_hash``: sha256 over the sha256 of each ``chunk_bytes`` chunk, in order
+  (the chunks' own digests, so it equals the definition in the README).
+- ``normalized_hash``: sha256 of the normalized text (``dedup.normalize_text``:
+  NFKC, case-folded, whitespace runs as one space). The text is decoded with an
+  incremental UTF-8 decoder and normalized up to the last whitespace of each
+  piece, so the result equals normalizing the whole text, except inside a run of
+  more than ``MAX_CARRY`` characters without whitespace, which is cut there.
+- the sketch: word n-gram hashes across piece boundaries (the last n-1 words
+  carry over), the MinHash signature as the running minimum (exact), and the
+  ``SHINGLE_CAP`` smallest distinct n-gram hashes (all of them for documents
+  below the cap; above it, a bottom-k sketch from which ``dedup.jaccard``
+  estimates the similarity).
+"""
+
+from __future__ import annotations
+
+import codecs
+import hashlib
+import unicodedata
+from dataclasses import dataclass
+
+import numpy as np
+
+from lmc_audit.transforms import dedup
+from lmc_audit.transforms.dedup import DedupOptions, DocKey, DocSketch
+
+SNIPPET_CHARS = 200
+MAX_CARRY = 1 << 20  # characters held back waiting for whitespace
+TEXT_SLICE = 1 << 18  # bytes normalized and shingled at once
+SHINGLE_CAP = dedup.SHINGLE_CAP
+
+
+@dataclass(frozen=True)
+class DocumentFacts:
+    key: DocKey  # (shard index, position, doc_id)
+    shard: str
+    bytes: int
+    content_hash: str
+    normalized_hash: str
+    snippet: str
+    sketch: DocSketch | None = None
+
+
+def snippet(data: bytes, chars: int = SNIPPET_CHARS) -> str:
+    """The document's first characters, whitespace collapsed, for reports."""
+    return " ".join(data[:4 * chars].decode("utf-8", errors="replace").split())[:chars]
+
+
+class DocumentDescriber:
+    """Facts of one document from its bytes, fed in order with ``update``; ``finish`` once."""
+
+    def __init__(self, key: DocKey, shard: str, chunk_bytes: int, dedup_options: DedupOptions | None = None,
+                 hasher: dedup.MinHasher | None = None):
+        self._key, self._shard, self._chunk_bytes = key, shard, chunk_bytes
+        self._content = hashlib.sha256()
+        self._pending = b""  # bytes of the chunk not yet complete
+        self._decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        self._carry = ""
+        self._normalized = hashlib.sha256()
+        self._words_seen = 0
+        self._head = b""
+        self._bytes = 0
+        self._options = dedup_options
+        self._hasher = hasher
+        self._tail: list[str] = []  # the last n-1 words
+        self._shingles = np.zeros(0, np.uint32)
+        self._signature = None
+        self._done = False
+
+    def update(self, data: bytes) -> None:
+        assert not self._done, "update after finish"
+        want = max(4 * SNIPPET_CHARS, self._options.ncd_bytes if self._options else 0)
+        if len(self._head) < want:
+            self._head += data[:want - len(self._head)]
+        self._bytes += len(data)
+        self._hash_chunks(data)
+        # Text work in slices: its temporaries (words, n-grams) stay near one slice, whatever the piece.
+        for start in range(0, len(data), TEXT_SLICE):
+            self._text(data[start:start + TEXT_SLICE])
+
+    def _text(self, data: bytes) -> None:
+        text = self._carry + self._decoder.decode(data)
+        # Normalize up to the last whitespace; the word it may cut waits for the next piece.
+        cut = len(text) - len(text.rsplit(None, 1)[-1]) if text and not text[-1].isspace() else len(text)
+        if cut == 0 and len(text) <= MAX_CARRY:
+            self._carry = text
+            return
+        if cut == 0:
+            cut = len(text)
+        self._carry = text[cut:]
+        self._words(text[:cut])
+
+    def finish(self) -> DocumentFacts:
+        assert not self._done, "finish twice"
+        self._done = True
+        if self._pending:
+            self._content.update(hashlib.sha256(self._pending).digest())
+        self._words(self._carry + self._decoder.decode(b"", final=True))
+        sketch = None
+        if self._options is not None:
+            if self._words_seen and self._words_seen < self._options.ngram:
+                self._add_grams([" ".join(self._tail)])  # one n-gram of all words, as dedup.shingle_hashes
+            signature = self._signature if self._signature is not None else self._hasher.signature(
+                np.zeros(0, np.uint32))
+            sketch = DocSketch(self._key, self._shard, self._bytes, self._normalized.hexdigest(),
+                               self._shingles.tobytes(), signature.tobytes(), self._head[:self._options.ncd_bytes])
+        return DocumentFacts(self._key, self._shard, self._bytes, self._content.hexdigest(),
+                             self._normalized.hexdigest(), snippet(self._head), sketch)
+
+    def _hash_chunks(self, data: bytes) -> None:
+        size = self._chunk_bytes
+        if self._pending:
+            need = size - len(self._pending)
+            self._pending += data[:need]
+            data = data[need:]
+            if len(self._pending) < size:
+                return
+            self._content.update(hashlib.sha256(self._pending).digest())
+            self._pending = b""
+        full = len(data) // size * size
+        for start in range(0, full, size):
+            self._content.update(hashlib.sha256(data[start:start + size]).digest())
+        self._pending = data[full:]
+
+    def _words(self, text: str) -> None:
+        words = unicodedata.normalize("NFKC", text).casefold().split()
+        if not words:
+            return
+        self._normalized.update((" " if self._words_seen else "").encode() + " ".join(words).encode())
+        self._words_seen += len(words)
+        if self._options is None:
+            return
+        n = self._options.ngram
+        full = self._tail + words
+        self._add_grams([" ".join(full[i:i + n]) for i in range(len(full) - n + 1)])
+        self._tail = full[-(n - 1):] if n > 1 else []
+
+    def _add_grams(self, grams: list[str]) -> None:
+        if not grams:
+            return
+        hashes = dedup.gram_hashes(grams)
+        signature = self._hasher.signature(hashes)
+        self._signature = signature if self._signature is None else np.minimum(self._signature, signature)
+        self._shingles = np.union1d(self._shingles, hashes)[:SHINGLE_CAP].astype(np.uint32)
