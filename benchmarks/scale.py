@@ -82,7 +82,7 @@ def run_job(inputs: list[Path], output: Path, model: str, extra: list[str], prof
     cmd = [sys.executable]
     if profile:
         cmd += ["-m", "cProfile", "-o", str(profile)]
-    cmd += ["-m", "lmc_audit.pipelines.cli", "run", *[a for p in inputs for a in ("--input", str(p))],
+    cmd += ["-m", "lmc_audit.pipelines.cli", "run", "--input", *map(str, inputs),
             "--output", str(output), "--model", model, "--id-field", "id", "--overwrite", "--quiet", *extra]
     t0 = time.perf_counter()
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)

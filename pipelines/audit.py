@@ -49,8 +49,9 @@ def build_parser() -> argparse.ArgumentParser:
         description="Score a corpus with a causal language model and write Parquet manifests "
                     "(bits and bits per byte per chunk, document and shard). Unknown flags go to Beam.")
     src = p.add_argument_group("input")
-    src.add_argument("--input", nargs="+", default=[],
-                     help="files, directories, globs or fsspec URLs (s3://, gs://, memory://, ...); several allowed")
+    src.add_argument("--input", nargs="+", action="extend", default=[],
+                     help="files, directories, globs or fsspec URLs (s3://, gs://, memory://, ...); several allowed, "
+                          "after one --input or over several")
     src.add_argument("--sample", action="store_true",
                      help="audit the sample corpus bundled with the package (adds it to --input)")
     src.add_argument("--format", default="auto", choices=FORMATS,

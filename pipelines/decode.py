@@ -17,11 +17,14 @@ import argparse
 import base64
 import hashlib
 import json
+import os
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from urllib.parse import quote
 
 import fsspec
+import pyarrow.compute as pc
 import pyarrow.dataset as ds
 
 from lmc_audit.transforms.decoding import PayloadDecoder, chunk_name
@@ -64,18 +67,143 @@ def _default_model(payloads: str) -> str:
     return BUNDLED
 
 
-def _select(rows: list[dict], args) -> list[dict]:
+DECODE_BATCH = 1024  # chunks decoded in one call: what the decoder holds, and how full its groups are
+
+
+def _selection(args) -> tuple[set[str], set[str], set[tuple[str, int]]]:
     chunks = set()
     for item in args.chunk:
         doc_id, sep, index = item.rpartition(":")
         if not sep or not index.isdigit():
             raise SystemExit(f"lmc-audit decode: --chunk takes DOC_ID:INDEX, got {item!r}")
         chunks.add((doc_id, int(index)))
-    if not (args.doc_id or args.shard or chunks):
-        return rows
-    docs, shards = set(args.doc_id), set(args.shard)
-    return [r for r in rows if r["doc_id"] in docs or r["shard"] in shards
-            or (r["doc_id"], r["chunk_index"]) in chunks]
+    return set(args.doc_id), set(args.shard), chunks
+
+
+def selected_rows(dataset: ds.Dataset, docs: set[str], shards: set[str],
+                  chunks: set[tuple[str, int]]) -> Iterator[dict]:
+    """The selected payload rows, shard file by shard file (files sorted by name; rows in each in
+    (position, doc_id, chunk_index) order, as written), in record batches: the selection is pushed
+    down to the Parquet reader and the payloads are never loaded whole."""
+    expr = None
+    for column, values in (("doc_id", docs | {d for d, _ in chunks}), ("shard", shards)):
+        if values:
+            term = pc.field(column).isin(sorted(values))
+            expr = term if expr is None else expr | term
+    for fragment in sorted(dataset.get_fragments(filter=expr), key=lambda f: f.path):
+        for batch in fragment.to_batches(filter=expr, batch_size=DECODE_BATCH):
+            for row in batch.to_pylist():
+                if chunks and row["doc_id"] not in docs and row["shard"] not in shards \
+                        and (row["doc_id"], row["chunk_index"]) not in chunks:
+                    continue
+                yield row
+
+
+class DocumentWriter:
+    """Writes decoded chunks as they come, document by document, in chunk order.
+
+    ``files``: each document streams into a hidden temporary renamed to its name once whole (a
+    document that lacks a chunk or fails to decode leaves no file). ``jsonl``: one line per document
+    (the document is held until its last chunk). ``chunks``: one file per chunk. The first document
+    with an id gets the id's name; a later document with the same id is named
+    ``<id>@<shard>#<position>``, so no file is written twice."""
+
+    def __init__(self, out: Path, fmt: str, whole_documents: bool):
+        self.out, self.fmt, self.whole = out, fmt, whole_documents
+        self.written, self.errors, self.shared_ids = 0, [], 0
+        self._names: set[str] = set()
+        self._doc = None  # (shard, position, doc_id)
+        self._next_index = 0
+        self._failed = False
+        self._file = None
+        self._parts: list[bytes] = []
+        self._jsonl = open(out / "decoded.jsonl", "w", encoding="utf-8") if fmt == "jsonl" else None
+
+    def add(self, row: dict, got: bytes | PayloadError) -> None:
+        key = (row["shard"], row["position"], row["doc_id"])
+        if key != self._doc:
+            self._end_document()
+            self._doc, self._next_index, self._failed, self._parts = key, 0, False, []
+        if isinstance(got, PayloadError):
+            self._failed = True
+            return
+        if not self.whole:
+            self._emit(got, row["chunk_index"])
+            return
+        if row["chunk_index"] != self._next_index:
+            if not self._failed:
+                print(f"lmc-audit decode: document {row['doc_id']!r} lacks chunk {self._next_index}",
+                      file=sys.stderr)
+                self.errors.append(row["doc_id"])
+            self._failed = True
+            return
+        self._next_index += 1
+        if self._failed:
+            return
+        if self.fmt == "jsonl":
+            self._parts.append(got)
+            return
+        if self._file is None:
+            self._file = open(self.out / f".{self._name()}.partial", "wb")
+        self._file.write(got)
+
+    def close(self) -> None:
+        self._end_document()
+        if self._jsonl is not None:
+            self._jsonl.close()
+
+    def _name(self) -> str:
+        shard, position, doc_id = self._doc
+        name = safe_name(doc_id)
+        if name in self._names:
+            name = safe_name(f"{doc_id}@{shard}#{position}")
+        return name
+
+    def _end_document(self) -> None:
+        if self._doc is None or not self.whole:
+            return
+        partial = self._file.name if self._file is not None else None
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+        if self._failed:
+            if partial:
+                os.remove(partial)
+            return
+        if self.fmt == "jsonl":
+            self._emit(b"".join(self._parts), None)
+            return
+        name = self._name()
+        if partial is None:
+            open(self.out / name, "wb").close()
+        else:
+            os.replace(partial, self.out / name)
+        self._count(name)
+
+    def _count(self, name: str) -> None:
+        doc_id = self._doc[2]
+        if safe_name(doc_id) in self._names and name != safe_name(doc_id):
+            self.shared_ids += 1
+        self._names.add(name)
+        self.written += 1
+
+    def _emit(self, data: bytes, index: int | None) -> None:
+        shard, position, doc_id = self._doc
+        if self.fmt == "jsonl":
+            line = {"doc_id": doc_id, "shard": shard, "position": position}
+            if index is not None:
+                line["chunk_index"] = index
+            try:
+                line["text"] = data.decode("utf-8")
+            except UnicodeDecodeError:
+                line["bytes_base64"] = base64.b64encode(data).decode()
+            self._jsonl.write(json.dumps(line, ensure_ascii=False) + "\n")
+            self.written += 1
+            return
+        name = self._name()
+        (self.out / f"{name}.chunk-{index}").write_bytes(data)
+        self._names.add(name)
+        self.written += 1
 
 
 def run(argv: list[str] | None = None) -> int:
@@ -84,62 +212,36 @@ def run(argv: list[str] | None = None) -> int:
     if not fs.exists(root):
         raise SystemExit(f"lmc-audit decode: {args.payloads} does not exist: pass the payloads/ folder of an "
                          "audit run made with coding on")
-    rows = ds.dataset(root, filesystem=fs, format="parquet").to_table().to_pylist()
-    rows = sorted(_select(rows, args), key=lambda r: (r["shard"], r["position"], r["doc_id"], r["chunk_index"]))
-    if not rows:
+    docs, shards, chunks = _selection(args)
+    rows = selected_rows(ds.dataset(root, filesystem=fs, format="parquet"), docs, shards, chunks)
+    first = next(rows, None)
+    if first is None:
         raise SystemExit("lmc-audit decode: nothing matches the selection")
     decoder = PayloadDecoder(args.model or _default_model(args.payloads), args.device, args.trust_remote_code)
-    names = [chunk_name(r["doc_id"], r["chunk_index"]) for r in rows]
-    results = decoder.decode([r["payload"] for r in rows], names, [r["recipe"] for r in rows])
-    errors = [str(r) for r in results if isinstance(r, PayloadError)]
-    for e in errors:
-        print(f"lmc-audit decode: {e}", file=sys.stderr)
-
     out = Path(args.output)
     out.mkdir(parents=True, exist_ok=True)
-    by_doc: dict[tuple[str, str, int], list[tuple[int, bytes | PayloadError]]] = {}
-    for r, got in zip(rows, results):
-        by_doc.setdefault((r["shard"], r["doc_id"], r["position"]), []).append((r["chunk_index"], got))
-    whole_documents = not args.chunk
-    # (shard, position) is a document's key; an id held by several documents names each file by it too.
-    id_count: dict[str, int] = {}
-    for _, doc_id, _ in by_doc:
-        id_count[doc_id] = id_count.get(doc_id, 0) + 1
-    shared_ids = sum(1 for c in id_count.values() if c > 1)
-    written = 0
-    lines = []
-    for (shard, doc_id, position), parts in by_doc.items():
-        if any(isinstance(g, PayloadError) for _, g in parts):
-            continue
-        if whole_documents:
-            indices = [i for i, _ in parts]
-            if indices != list(range(len(parts))):
-                print(f"lmc-audit decode: document {doc_id!r} lacks chunks: has {indices}", file=sys.stderr)
-                errors.append(doc_id)
-                continue
-            pieces = [(None, b"".join(g for _, g in parts))]
-        else:
-            pieces = parts
-        for index, data in pieces:
-            if args.format == "jsonl":
-                line = {"doc_id": doc_id, "shard": shard, "position": position}
-                if index is not None:
-                    line["chunk_index"] = index
-                try:
-                    line["text"] = data.decode("utf-8")
-                except UnicodeDecodeError:
-                    line["bytes_base64"] = base64.b64encode(data).decode()
-                lines.append(json.dumps(line, ensure_ascii=False))
-            else:
-                stem = doc_id if id_count[doc_id] == 1 else f"{doc_id}@{shard}#{position}"
-                name = safe_name(stem) + ("" if index is None else f".chunk-{index}")
-                (out / name).write_bytes(data)
-            written += 1
-    if args.format == "jsonl":
-        (out / "decoded.jsonl").write_text("".join(line + "\n" for line in lines), encoding="utf-8")
-    if shared_ids:
-        print(f"lmc-audit decode: {shared_ids} ids are held by several documents: their files are named "
-              "<id>@<shard>#<position>", file=sys.stderr)
-    print(f"lmc-audit decode: {written} {'documents' if whole_documents else 'chunks'} written to {out}"
-          f"{f', {len(errors)} errors' if errors else ''} ({decoder.forwards} model forwards)", file=sys.stderr)
+    writer = DocumentWriter(out, args.format, whole_documents=not args.chunk)
+    errors = 0
+    pending = [first]
+    for row in [*rows, None]:
+        if row is not None:
+            pending.append(row)
+        if pending and (row is None or len(pending) == DECODE_BATCH):
+            results = decoder.decode([r["payload"] for r in pending],
+                                     [chunk_name(r["doc_id"], r["chunk_index"]) for r in pending],
+                                     [r["recipe"] for r in pending])
+            for r, got in zip(pending, results):
+                if isinstance(got, PayloadError):
+                    print(f"lmc-audit decode: {got}", file=sys.stderr)
+                    errors += 1
+                writer.add(r, got)
+            pending = []
+    writer.close()
+    errors += len(writer.errors)
+    if writer.shared_ids:
+        print(f"lmc-audit decode: {writer.shared_ids} documents share an id with an earlier one: their files are "
+              "named <id>@<shard>#<position>", file=sys.stderr)
+    kind = "documents" if writer.whole else "chunks"
+    print(f"lmc-audit decode: {writer.written} {kind} written to {out}"
+          f"{f', {errors} errors' if errors else ''} ({decoder.forwards} model forwards)", file=sys.stderr)
     return 1 if errors else 0

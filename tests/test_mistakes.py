@@ -288,3 +288,11 @@ def test_model_cache_is_atomic(tmp_path, tiny_byte_model):
         type(mem).get = original
     models = cache / "models"
     assert [p.name for p in models.iterdir() if p.is_dir()] == [local.name]
+
+
+def test_repeated_input_flags_add_up():
+    """`--input a --input b` audits both (argparse's default would keep only the last, silently)."""
+    from lmc_audit.pipelines.audit import build_parser
+
+    args, _ = build_parser().parse_known_args(["--input", "a", "b", "--input", "c", "--output", "o"])
+    assert args.input == ["a", "b", "c"]

@@ -101,3 +101,39 @@ def test_manifest_rows_stream_in_row_groups(tmp_path):
     assert f.read().column("position").to_pylist() == list(range(n))
     assert peak < 0.5 * whole_peak, f"streaming peak {peak} against {whole_peak} for the whole table"
     assert not list((tmp_path / "dead_letter").glob(".*"))  # no temporary left
+
+
+def test_listing_takes_sizes_from_the_listing_call(tmp_path):
+    """No per-file request: listing works with the filesystem's per-file calls (size, isfile) broken."""
+    import fsspec
+
+    from lmc_audit.transforms.listing import list_shards
+
+    mem = fsspec.filesystem("memory")
+    for i in range(50):
+        mem.pipe_file(f"/corpus-{tmp_path.name}/part-{i:03d}.jsonl", b'{"text": "x"}\n' * (i + 1))
+    cls = type(mem)
+    saved = {name: getattr(cls, name) for name in ("size", "isfile", "info")}
+
+    def no_call(self, *args, **kwargs):
+        raise AssertionError("a request per file")
+
+    try:
+        for name in ("size", "isfile"):
+            setattr(cls, name, no_call)
+        for pattern in (f"memory://corpus-{tmp_path.name}/*.jsonl", f"memory://corpus-{tmp_path.name}"):
+            shards, errors = list_shards([pattern])
+            assert not errors and len(shards) == 50
+            assert [s.size for s in shards] == [14 * (i + 1) for i in range(50)]
+    finally:
+        for name, fn in saved.items():
+            setattr(cls, name, fn)
+
+
+def test_handler_reports_the_bytes_of_text_it_scores():
+    from lmc_audit.transforms.model_handler import CausalLMHandler
+    from lmc_audit.transforms.records import Chunk, TokenizedChunk
+
+    items = [TokenizedChunk(Chunk(f"d{i}", "s", 0, i, 0, 0, b"x" * (10 + i), b"", 0, 0, 0), (1,) * 3, 256, 64)
+             for i in range(3)]
+    assert CausalLMHandler("bundled").get_num_bytes(items) == 10 + 11 + 12

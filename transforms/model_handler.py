@@ -302,6 +302,10 @@ class CausalLMHandler(ModelHandler[TokenizedChunk, ScoredChunk, LoadedModel]):
         Progress.add("scoring", items=len(group), bytes=sum(len(item.chunk.data) for item in group))
         return out
 
+    def get_num_bytes(self, batch: Sequence[TokenizedChunk]) -> int:
+        """Bytes of text in a batch (RunInference's ``num_bytes`` metric): what the audit counts in."""
+        return sum(item.chunk.size for item in batch)
+
     def get_metrics_namespace(self) -> str:
         return NAMESPACE
 
