@@ -27,7 +27,7 @@ from lmc_audit.transforms.listing import FORMATS, is_inside, list_shards, normal
 from lmc_audit.transforms.decoding import VerifyPayloads, verification_buckets
 from lmc_audit.transforms.dedup import DedupOptions
 from lmc_audit.transforms.find_duplicates import FindDuplicates
-from lmc_audit.transforms.manifests import WriteManifests
+from lmc_audit.transforms.manifests import LoadCommittedSketches, WriteDuplicates, WriteManifests
 from lmc_audit.transforms.model_handler import CodingOptions
 from lmc_audit.transforms.model_loading import (BUNDLED, model_fingerprint, resolve_model_dir,
                                                 validate_model_spec)
@@ -466,9 +466,17 @@ def run(argv: list[str] | None = None, test_pipeline: beam.Pipeline | None = Non
     manifest_inputs = [scored, dead_letters, read[FACTS]]
     if args.reference_model:
         manifest_inputs.append(chunks | "ScoreReference" >> scorer(args.reference_model, None))
-    find_duplicates = FindDuplicates(dedup, scorer(args.model, None)) if dedup else None
+    duplicates = None
+    if dedup:
+        sketches = read[FACTS] | "Sketches" >> beam.Map(lambda f: f.sketch)
+        if committed:
+            sketches = ((sketches, pipeline | "CommittedSketches" >> LoadCommittedSketches(args.output, committed))
+                        | "AllSketches" >> beam.Flatten())
+        duplicates = (sketches
+                      | "FindDuplicates" >> FindDuplicates(dedup, scorer(args.model, None))
+                      | "WriteDuplicates" >> WriteDuplicates(args.output))
     written = tuple(manifest_inputs) | "WriteManifests" >> WriteManifests(args.output, signal_options(args),
-                                                                   find_duplicates, dedup, commit, committed)
+                                                                   commit, committed, duplicates)
     record_inputs = {"written": written, "documents": read.main, "dead_letters": dead_letters}
     if args.coding:
         record_inputs["scored"] = scored

@@ -13,7 +13,7 @@ import torch
 from conftest import MEMORIZED, UNSEEN
 from lmc_audit.pipelines.audit import run
 from lmc_audit.transforms import signals
-from lmc_audit.transforms.manifests import chunk_row, document_row
+from lmc_audit.transforms.manifests import chunk_row, document_row_of_chunks
 from lmc_audit.transforms.records import Chunk, ScoredChunk
 from lmc_audit.transforms.signals import SignalOptions
 
@@ -63,7 +63,7 @@ def _scored(doc: str, index: int, data: bytes, bits: float, logp: list[float], z
 
 
 def _merged(parts: list[np.ndarray], signal: str = "logp") -> signals.SummaryMerger:
-    merger = signals.SummaryMerger(signal)
+    merger = signals.SummaryMerger()
     for p in parts:
         merger.add(signals.summarize(p, signal))
     return merger
@@ -113,13 +113,13 @@ def test_summaries_are_bounded_and_merge_in_any_order_to_the_same_bits():
 def test_document_signals_are_over_all_tokens_not_chunk_averages():
     chunks = [_scored("d", 0, b"abcd", 4.0, [-0.1, -0.1, -0.1, -0.1], [1, 1, 1, 1]),
               _scored("d", 1, b"efgh", 8.0, [-6.0, -0.1, -0.1, -0.1], [-3, 1, 1, 1])]
-    row = document_row(chunks, SignalOptions(k=0.25), references=[2.0, 2.0])
+    row = document_row_of_chunks(chunks, SignalOptions(k=0.25), references=[2.0, 2.0])
     assert row["min_k"] == pytest.approx((-6.0 - 0.1) / 2)  # lowest 2 of 8 tokens
     assert row["min_k_pp"] == pytest.approx((-3 + 1) / 2)
     assert row["zlib_ratio"] == pytest.approx(12.0 / 64)  # model bits / zlib bits of the same bytes
     assert row["reference_bpb"] == pytest.approx(4.0 / 8) and row["reference_diff_bpb"] == pytest.approx(1.5 - 0.5)
     assert chunk_row(chunks[1], 0.25)["min_k"] == pytest.approx(-6.0)
-    flagged = document_row(chunks, SignalOptions(k=0.25, zlib_ratio_below=0.5, bpb_below=0.1))
+    flagged = document_row_of_chunks(chunks, SignalOptions(k=0.25, zlib_ratio_below=0.5, bpb_below=0.1))
     assert flagged["memorization_flags"] == ["zlib_ratio"]
 
 

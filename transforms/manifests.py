@@ -15,7 +15,6 @@ same bytes.
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import json
 from collections.abc import Iterable, Iterator
@@ -29,12 +28,11 @@ import numpy as np
 
 from lmc_audit.transforms.progress import Progress
 from lmc_audit.transforms import dedup, payloads, schemas, signals
-from lmc_audit.transforms.dedup import DedupOptions
-from lmc_audit.transforms.document_facts import DocumentFacts, snippet
+from lmc_audit.transforms.document_facts import DocumentDescriber, DocumentFacts
+from lmc_audit.transforms.document_stats import DocKey, DocumentStatsFn
 from lmc_audit.transforms.records import DeadLetter, ScoredChunk
 from lmc_audit.transforms.signals import SignalOptions
 
-SKETCHES = "sketches"
 STATE_SKETCHES = "_state/sketches"
 STATE_COMMITS = "_state/commits"
 QUANTILES = (("p05", 0.05), ("p25", 0.25), ("median", 0.5), ("p75", 0.75), ("p95", 0.95))
@@ -172,66 +170,55 @@ def chunk_row(s: ScoredChunk, k: float = 0.2, reference_bits: float | None = Non
     }
 
 
-def _signal_columns(chunks: list[ScoredChunk], scored: list[ScoredChunk], bits: float | None,
-                    scored_bytes: int, references: list[float | None] | None, options: SignalOptions) -> dict:
-    zlib_scored = 8 * sum(s.chunk.zlib_bytes for s in scored)
-    logp, z = signals.SummaryMerger("logp"), signals.SummaryMerger("z")
-    for s in scored:
-        logp.add(s.logp)
-        z.add(s.zscores)
+def document_row(key: DocKey, shard: str, stats: dict, facts: DocumentFacts,
+                 options: SignalOptions = SignalOptions(), references: list[float | None] | None = None) -> dict:
+    """One document's row from its ``DocumentStatsFn`` output, its ``facts`` (hashes, snippet) and, with a
+    reference model, that model's bits of each of its chunks in order."""
+    _, position, doc_id = key
+    n_bytes, bits, scored_bytes, coded = stats["bytes"], stats["bits"], stats["scored_bytes"], stats["coded_bits"]
     ref_bits = ref_bpb = diff = None
-    if references is not None and scored and all(r is not None for r in references):
+    if references is not None and bits is not None and all(r is not None for r in references):
         ref_bits = 0.0
-        for r in references:
+        for r in references:  # chunk order: the same float on every run
             ref_bits += r
-        ref_bpb = _ratio(ref_bits, sum(s.chunk.size for s in chunks))
+        ref_bpb = _ratio(ref_bits, n_bytes)
         # Both over all of the document's bytes: only when every chunk was scored by both models.
-        if len(scored) == len(chunks):
+        if stats["flagged_chunks"] == 0:
             diff = _ratio(bits, scored_bytes) - ref_bpb
-    return {
-        "zlib_ratio": _ratio(bits, zlib_scored),
-        "min_k": logp.min_k(options.k)[0],
-        "min_k_pp": z.min_k(options.k)[0],
-        "reference_bits": ref_bits, "reference_bpb": ref_bpb, "reference_diff_bpb": diff,
-    }
-
-
-def document_row(chunks: list[ScoredChunk], options: SignalOptions = SignalOptions(),
-                 references: list[float | None] | None = None, facts: DocumentFacts | None = None) -> dict:
-    """One document from its chunks, given in chunk order (their bytes may be dropped already), and its
-    ``facts`` (hashes and snippet, made while it was read; from the chunks' bytes when not given).
-    ``references``: the reference model's bits per chunk."""
-    first = chunks[0].chunk
-    n_bytes = sum(s.chunk.size for s in chunks)
-    scored = [s for s in chunks if s.bits is not None]
-    bits = None
-    if scored:
-        bits = 0.0
-        for s in scored:  # fixed order: the same float on every run
-            bits += s.bits
-    scored_bytes = sum(s.chunk.size for s in scored)
-    if facts is None:
-        data = b"".join(s.chunk.data for s in chunks)
-        facts = DocumentFacts((first.shard_index, first.position, first.doc_id), first.shard, len(data),
-                              hashlib.sha256(b"".join(s.chunk.sha256 for s in chunks)).hexdigest(),
-                              dedup.normalized_hash(data), snippet(data))
-    coded = None if any(s.coded_bits is None for s in chunks) else sum(s.coded_bits for s in chunks)
     row = {
-        "doc_id": first.doc_id, "shard": first.shard, "position": first.position,
-        "bytes": n_bytes, "chunks": len(chunks), "tokens": sum(s.tokens for s in chunks),
-        "scored_bytes": scored_bytes, "flagged_chunks": len(chunks) - len(scored),
+        "doc_id": doc_id, "shard": shard, "position": position,
+        "bytes": n_bytes, "chunks": stats["chunks"], "tokens": stats["tokens"],
+        "scored_bytes": scored_bytes, "flagged_chunks": stats["flagged_chunks"],
         "bits": bits, "bpb": _ratio(bits, scored_bytes),
         "coded_bits": coded, "coded_bpb": _ratio(coded, n_bytes),
-        "zlib_bpb": 8 * sum(s.chunk.zlib_bytes for s in chunks) / n_bytes,
-        "zstd_bpb": 8 * sum(s.chunk.zstd_bytes for s in chunks) / n_bytes,
-        "xz_bpb": 8 * sum(s.chunk.xz_bytes for s in chunks) / n_bytes,
-        **_signal_columns(chunks, scored, bits, scored_bytes, references, options),
+        "zlib_bpb": 8 * stats["zlib_bytes"] / n_bytes,
+        "zstd_bpb": 8 * stats["zstd_bytes"] / n_bytes,
+        "xz_bpb": 8 * stats["xz_bytes"] / n_bytes,
+        "zlib_ratio": _ratio(bits, 8 * stats["scored_zlib_bytes"]),
+        "min_k": stats["min_k"], "min_k_pp": stats["min_k_pp"],
+        "reference_bits": ref_bits, "reference_bpb": ref_bpb, "reference_diff_bpb": diff,
         "content_hash": facts.content_hash,
         "normalized_hash": facts.normalized_hash,
         "snippet": facts.snippet,
     }
     row["memorization_flags"] = options.flags(row)
     return row
+
+
+def document_row_of_chunks(chunks: list[ScoredChunk], options: SignalOptions = SignalOptions(),
+                           references: list[float | None] | None = None) -> dict:
+    """A document's row straight from its chunks (with their bytes): what the pipeline computes in
+    steps, for tests and small tools."""
+    fn = DocumentStatsFn(options.k)
+    acc = fn.create_accumulator()
+    for s in chunks:
+        fn.add_input(acc, s)
+    first = chunks[0].chunk
+    key = (first.shard_index, first.position, first.doc_id)
+    describer = DocumentDescriber(key, first.shard, max(s.chunk.size for s in chunks))
+    for s in chunks:
+        describer.update(s.chunk.data)
+    return document_row(key, first.shard, fn.extract_output(acc), describer.finish(), options, references)
 
 
 def quantile(values: list[float], q: float) -> float:
@@ -280,9 +267,7 @@ def sketch_row(k: dedup.DocSketch) -> dict:
             "normalized_hash": k.normalized_hash, "shingles": k.shingles, "signature": k.signature, "prefix": k.prefix}
 
 
-class LoadCommittedSketches(beam.DoFn):
-    """Sketches of shards an incremental run skips, read back from ``_state/sketches``."""
-
+class _ReadSketches(beam.DoFn):
     def __init__(self, output: str):
         self._output = output
 
@@ -299,6 +284,20 @@ class LoadCommittedSketches(beam.DoFn):
                                   r["shingles"], r["signature"], r["prefix"])
 
 
+class LoadCommittedSketches(beam.PTransform):
+    """Sketches of the shards an incremental run skips, read back from ``_state/sketches``."""
+
+    def __init__(self, output: str, committed: list[tuple[str, int, dict]]):
+        super().__init__()
+        self._output = output
+        self._shards = [(shard, index) for shard, index, _ in committed]
+
+    def expand(self, pbegin):
+        return (pbegin
+                | "CommittedShards" >> beam.Create(self._shards, reshuffle=False)
+                | "ReadSketches" >> beam.ParDo(_ReadSketches(self._output)))
+
+
 def dead_letter_row(d: DeadLetter) -> dict:
     return {"shard": d.shard, "position": d.position, "doc_id": d.doc_id, "reason": d.reason}
 
@@ -306,52 +305,45 @@ def dead_letter_row(d: DeadLetter) -> dict:
 class WriteShardManifests(beam.DoFn):
     """Writes the chunk, document, payload and dead-letter files of one shard; yields its shard row.
 
-    The group holds what the rows need and no text: chunks come without their bytes, and each
-    document's hashes, snippet and sketch come as ``DocumentFacts`` made while it was read.
+    The group carries no text and no per-token scores: a chunk comes as its row (and its payload row),
+    a document as its ``DocumentStatsFn`` numbers and its ``DocumentFacts`` (hashes, snippet, sketch,
+    made while it was read). Rows are sorted, then streamed into the files.
     """
 
-    def __init__(self, output: str, signal_options: SignalOptions, dedup_options: DedupOptions | None,
-                 commit: dict[str, dict] | None = None):
+    def __init__(self, output: str, signal_options: SignalOptions, commit: dict[str, dict] | None = None):
         self._output = output
         self._signals = signal_options
-        self._dedup = dedup_options
         self._commit = commit or {}  # shard -> {"key", "fingerprint"}: what its commit marker records
 
     def process(self, element) -> Iterator[dict]:
         index, grouped = element
-        chunks: list[ScoredChunk] = sorted(
-            grouped["chunks"], key=lambda s: (s.chunk.position, s.chunk.doc_id, s.chunk.chunk_index))
+        chunks = sorted(grouped["chunks"], key=lambda c: (c[0]["position"], c[0]["doc_id"], c[0]["chunk_index"]))
+        stats = sorted(grouped["documents"], key=lambda d: (d[0][1], d[0][2]))
         dead = sorted(grouped["dead_letter"], key=lambda d: (d.position, d.doc_id or "", d.reason))
         facts = {(f.key[1], f.key[2]): f for f in grouped["facts"]}
         has_reference = "reference" in grouped
         references = {(r[0], r[1], r[2]): r[3] for r in grouped.get("reference", ())}
-        ref_of = [references.get((s.chunk.position, s.chunk.doc_id, s.chunk.chunk_index)) for s in chunks]
-        docs: list[dict] = []
-        sketches: list[dedup.DocSketch] = []
-        start = 0
-        for i in range(1, len(chunks) + 1):
-            if i == len(chunks) or (chunks[i].chunk.position, chunks[i].chunk.doc_id) != (
-                    chunks[start].chunk.position, chunks[start].chunk.doc_id):
-                first = chunks[start].chunk
-                fact = facts.get((first.position, first.doc_id))
-                if fact is not None and fact.sketch is not None:
-                    sketches.append(fact.sketch)
-                docs.append(document_row(chunks[start:i], self._signals,
-                                         ref_of[start:i] if has_reference else None, fact))
-                start = i
-        shard = chunks[0].chunk.shard if chunks else dead[0].shard
+        shard = chunks[0][0]["shard"] if chunks else dead[0].shard
+        docs = []
+        for key, numbers in stats:
+            refs = ([references.get((key[1], key[2], i)) for i in range(numbers["chunks"])]
+                    if has_reference else None)
+            docs.append(document_row(key, shard, numbers, facts[(key[1], key[2])], self._signals, refs))
         name = shard_part_name(shard)
         if chunks:
-            write_rows(self._output, "chunks", name, (chunk_row(s, self._signals.k, r) for s, r in zip(chunks, ref_of)),
-                       schemas.CHUNKS)
+            if has_reference:
+                for row, _ in chunks:
+                    row["reference_bits"] = references.get((row["position"], row["doc_id"], row["chunk_index"]))
+            write_rows(self._output, "chunks", name, (row for row, _ in chunks), schemas.CHUNKS)
             write_rows(self._output, "documents", name, docs, schemas.DOCUMENTS)
-            if any(s.payload is not None for s in chunks):
-                write_rows(self._output, "payloads", name, (payload_row(s) for s in chunks if s.payload is not None),
+            if any(p is not None for _, p in chunks):
+                write_rows(self._output, "payloads", name, (p for _, p in chunks if p is not None),
                            schemas.PAYLOADS)
         if dead:
             write_rows(self._output, "dead_letter", name, [dead_letter_row(d) for d in dead], schemas.DEAD_LETTER)
         row = shard_row(shard, docs, len(dead))
-        if sketches:
+        sketches = [facts[(d["position"], d["doc_id"])].sketch for d in docs]
+        if sketches and sketches[0] is not None:
             write_rows(self._output, STATE_SKETCHES, name, [sketch_row(k) for k in sketches], schemas.SKETCHES)
         # The commit marker comes last: a shard is complete once it exists (incremental runs skip it).
         marker = {"shard": shard, **self._commit.get(shard, {}), "row": row}
@@ -391,7 +383,7 @@ class WriteShardsTable(beam.DoFn):
         yield {"shards": len(rows)}
 
 
-class WriteDuplicates(beam.DoFn):
+class _WriteDuplicatesFn(beam.DoFn):
     def __init__(self, output: str):
         self._output = output
 
@@ -400,15 +392,36 @@ class WriteDuplicates(beam.DoFn):
         yield rows
 
 
+class WriteDuplicates(beam.PTransform):
+    """``FindDuplicates``' rows in; the ``duplicates/`` manifest written; the rows out (for shard counts)."""
+
+    def __init__(self, output: str):
+        super().__init__()
+        self._output = output
+
+    def expand(self, rows):
+        return rows | "Write" >> beam.ParDo(_WriteDuplicatesFn(self._output))
+
+
 def _by_shard_index(item):
     if isinstance(item, ScoredChunk):
         return item.chunk.shard_index, item
     return item.shard_index, item
 
 
-def _compact_by_shard_index(s: ScoredChunk):
-    """A scored chunk keyed for its shard's group, without its bytes: its rows do not need them."""
-    return s.chunk.shard_index, dataclasses.replace(s, chunk=s.chunk.without_data())
+def _chunk_rows(s: ScoredChunk, k: float):
+    """A scored chunk as what its shard's group needs: its chunk row and payload row, keyed by shard."""
+    return s.chunk.shard_index, (chunk_row(s, k), payload_row(s) if s.payload is not None else None)
+
+
+def _by_document(s: ScoredChunk):
+    c = s.chunk
+    return (c.shard_index, c.position, c.doc_id), s
+
+
+def _document_by_shard(element):
+    key, numbers = element
+    return key[0], (key, numbers)
 
 
 def _reference_by_shard(s: ScoredChunk):
@@ -417,33 +430,35 @@ def _reference_by_shard(s: ScoredChunk):
 
 
 class WriteManifests(beam.PTransform):
-    """(scored chunks, dead letters, ``DocumentFacts``[, the reference model's scored chunks]) in; manifests
-    under ``output``.
+    """(scored chunks, dead letters, ``DocumentFacts``[, the reference model's scored chunks]) in; the chunk,
+    document, payload, dead-letter and shard manifests under ``output``; one element out once the shards
+    manifest is written.
 
-    ``find_duplicates`` (a ``FindDuplicates``) turns the documents' sketches
-    into the ``duplicates/`` manifest; without it no dedup runs.
+    ``duplicates``: the rows ``WriteDuplicates`` wrote, for the shards' duplicate counts (none without
+    dedup). ``commit``: per shard, the key and fingerprint its marker records; ``committed``: (shard,
+    index, shard row) of shards already complete, which this run does not read.
     """
 
     def __init__(self, output: str, signal_options: SignalOptions = SignalOptions(),
-                 find_duplicates: beam.PTransform | None = None, dedup_options: DedupOptions | None = None,
-                 commit: dict[str, dict] | None = None, committed: list[tuple[str, int, dict]] = ()):
-        """``commit``: per shard, the key and fingerprint its marker records; ``committed``:
-        (shard, index, shard row) of shards already complete, which this run does not read."""
+                 commit: dict[str, dict] | None = None, committed: list[tuple[str, int, dict]] = (),
+                 duplicates: beam.PCollection | None = None):
         super().__init__()
-        self._commit = commit
-        self._committed = list(committed)
         if not output:
             raise ValueError("output must be a directory path or fsspec URL")
-        if (find_duplicates is None) != (dedup_options is None):
-            raise ValueError("pass find_duplicates and dedup_options together")
         self._output = output
         self._signals = signal_options
-        self._find_duplicates = find_duplicates
-        self._dedup = dedup_options
+        self._commit = commit
+        self._committed = list(committed)
+        self._duplicates = duplicates
 
     def expand(self, inputs):
         chunks, dead_letters, facts, *reference = inputs
-        grouped = {"chunks": chunks | "KeyChunks" >> beam.Map(_compact_by_shard_index),
+        documents = (chunks
+                     | "KeyByDocument" >> beam.Map(_by_document)
+                     | "DocumentStats" >> beam.CombinePerKey(DocumentStatsFn(self._signals.k))
+                     | "KeyDocumentsByShard" >> beam.Map(_document_by_shard))
+        grouped = {"chunks": chunks | "ChunkRows" >> beam.Map(_chunk_rows, self._signals.k),
+                   "documents": documents,
                    "dead_letter": dead_letters | "KeyDeadLetters" >> beam.Map(_by_shard_index),
                    "facts": facts | "KeyFacts" >> beam.Map(lambda f: (f.key[0], f))}
         if reference:
@@ -451,26 +466,16 @@ class WriteManifests(beam.PTransform):
         written = (
             grouped
             | "GroupByShard" >> beam.CoGroupByKey()
-            | "WriteShardFiles" >> beam.ParDo(WriteShardManifests(self._output, self._signals, self._dedup,
-                                                                  self._commit))
+            | "WriteShardFiles" >> beam.ParDo(WriteShardManifests(self._output, self._signals, self._commit))
         )
         pipeline = written.pipeline
-        committed = pipeline | "CommittedShards" >> beam.Create(self._committed, reshuffle=False)
-        shard_rows = ((written, committed | "CommittedRows" >> beam.Map(lambda c: c[2]))
-                      | "AllShardRows" >> beam.Flatten())
-        sketches = facts | "Sketches" >> beam.Map(lambda f: f.sketch)
-        if self._committed and self._find_duplicates is not None:
-            loaded = (committed | "CommittedShardNames" >> beam.Map(lambda c: (c[0], c[1]))
-                      | "LoadCommittedSketches" >> beam.ParDo(LoadCommittedSketches(self._output)))
-            sketches = (sketches, loaded) | "AllSketches" >> beam.Flatten()
-        if self._find_duplicates is not None:
-            duplicates = (sketches
-                          | "FindDuplicates" >> self._find_duplicates
-                          | "WriteDuplicates" >> beam.ParDo(WriteDuplicates(self._output)))
-        else:
+        committed = (pipeline | "CommittedShards" >> beam.Create([c[2] for c in self._committed], reshuffle=False))
+        duplicates = self._duplicates
+        if duplicates is None:
             duplicates = pipeline | "NoDuplicates" >> beam.Create([])
         return (
-            shard_rows
+            (written, committed)
+            | "AllShardRows" >> beam.Flatten()
             | "CollectShardRows" >> beam.combiners.ToList()
             | "WriteShardsTable" >> beam.ParDo(WriteShardsTable(self._output), beam.pvalue.AsList(duplicates))
         )

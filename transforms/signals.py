@@ -126,29 +126,38 @@ def summarize(values: np.ndarray, signal: str, keep: int | None = None) -> Signa
 
 
 class SummaryMerger:
-    """Merges summaries (a document's chunks) in bounded memory: ``DOC_LOWEST`` values and a dense histogram.
-    The result does not depend on the order of the merges."""
+    """Merges summaries (a document's chunks, or other mergers) in bounded memory: at most ``DOC_LOWEST``
+    values and the sparse histogram (at most the fixed number of bins). The result does not depend on the
+    order of the merges; a merger is small to pickle (a Beam combiner's accumulator)."""
 
-    def __init__(self, signal: str):
-        low, high = RANGES[signal]
-        self._nbins = int((high - low) * BINS_PER_NAT)
+    def __init__(self):
         self.count = 0
         self.lowest = np.zeros(0, np.float32)
         self.floor = math.inf
-        self.counts = np.zeros(self._nbins, np.int64)
-        self.sums = np.zeros(self._nbins, np.int64)
+        self.bins = np.zeros(0, np.int32)
+        self.counts = np.zeros(0, np.int64)
+        self.sums = np.zeros(0, np.int64)
 
-    def add(self, s: SignalSummary) -> None:
+    def add(self, s: "SignalSummary | SummaryMerger") -> None:
+        if isinstance(s, SignalSummary):
+            lowest, bins = np.frombuffer(s.lowest, "<f4"), np.frombuffer(s.bins, np.int32)
+            counts, sums = np.frombuffer(s.counts, np.int64), np.frombuffer(s.sums, np.int64)
+        else:
+            lowest, bins, counts, sums = s.lowest, s.bins, s.counts, s.sums
         self.count += s.count
         self.floor = min(self.floor, s.floor)
-        merged = np.sort(np.concatenate([self.lowest, np.frombuffer(s.lowest, "<f4")]))
+        merged = np.sort(np.concatenate([self.lowest, lowest]))
         if len(merged) > DOC_LOWEST:
             self.floor = min(self.floor, float(merged[DOC_LOWEST]))
             merged = merged[:DOC_LOWEST]
         self.lowest = merged
-        bins = np.frombuffer(s.bins, np.int32)
-        self.counts[bins] += np.frombuffer(s.counts, np.int64)
-        self.sums[bins] += np.frombuffer(s.sums, np.int64)
+        union = np.union1d(self.bins, bins).astype(np.int32)
+        new_counts, new_sums = np.zeros(len(union), np.int64), np.zeros(len(union), np.int64)
+        for b, c, t in ((self.bins, self.counts, self.sums), (bins, counts, sums)):
+            at = np.searchsorted(union, b)
+            new_counts[at] += c
+            new_sums[at] += t
+        self.bins, self.counts, self.sums = union, new_counts, new_sums
 
     def min_k(self, k: float) -> tuple[float | None, bool]:
         """(Min-K% of all merged values, exact?)."""
