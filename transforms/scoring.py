@@ -1,9 +1,10 @@
 """``ScoreChunks``: tokenize, batch by length, score with RunInference.
 
-Chain: ``Tokenize`` -> ``SortAndBatchElements`` (by padded length, within a
-bundle, under a token budget) -> ``RunInference`` with the project's handler.
-Beam's ``BatchElements`` length bucketing only acts on the streaming path in
-Beam 2.77, so batch jobs sort-and-batch first and run the handler unbatched.
+Chain: ``Tokenize`` -> ``BatchByPaddedLength`` (batches of one padded length
+under a row and token budget, in bounded memory) -> ``RunInference`` with the
+project's handler, unbatched. Beam's ``BatchElements`` length bucketing only
+acts on the streaming path in Beam 2.77, and ``SortAndBatchElements`` holds a
+whole bundle, so the batching is the project's own.
 Chunks the tokenizer flags and batches the model fails on come out as
 flagged ``ScoredChunk`` elements: nothing is dropped.
 """
@@ -14,7 +15,7 @@ import dataclasses
 
 import apache_beam as beam
 from apache_beam.ml.inference.base import RunInference
-from apache_beam.transforms.util import SortAndBatchElements
+from apache_beam.utils.windowed_value import WindowedValue
 
 from lmc_audit.transforms import payloads
 from lmc_audit.transforms.model_handler import CausalLMHandler, CodingOptions
@@ -23,8 +24,35 @@ from lmc_audit.transforms.records import ScoredChunk, TokenizedChunk
 from lmc_audit.transforms.tokenization import FLAGGED, TokenizeChunksFn
 
 
-def _padded_length(item: TokenizedChunk) -> int:
-    return item.padded_length
+class BatchByPaddedLength(beam.DoFn):
+    """Tokenized chunks in; batches of one padded length out, each at most ``max_rows`` chunks and
+    ``max_tokens`` padded positions.
+
+    Written here instead of Beam's ``SortAndBatchElements``, which holds a whole bundle to sort it: a
+    bundle is everything one read task yields (a 64 MiB split, or a 500 MB text file read whole), so
+    memory would grow with the input. Here a batch leaves as soon as it is full, and a worker holds
+    at most one unfinished batch per padded length (``max length / --length-granularity`` of them).
+    Every batch has one padded length, so no batch pads more than its chunks' own shapes; payloads
+    and scores do not depend on batch-mates, so the batching never changes a manifest."""
+
+    def __init__(self, max_rows: int, max_tokens: int):
+        self._max_rows, self._max_tokens = max_rows, max_tokens
+
+    def start_bundle(self) -> None:
+        self._open: dict[tuple, list[TokenizedChunk]] = {}
+
+    def process(self, item: TokenizedChunk, window=beam.DoFn.WindowParam):
+        key = (window, item.padded_length)
+        batch = self._open.setdefault(key, [])
+        batch.append(item)
+        if len(batch) >= min(self._max_rows, max(1, self._max_tokens // item.padded_length)):
+            del self._open[key]
+            yield batch
+
+    def finish_bundle(self):
+        for (window, _), batch in sorted(self._open.items(), key=lambda kv: kv[0][1]):
+            yield WindowedValue(batch, window.max_timestamp(), [window])
+        self._open = {}
 
 
 def _failed_batch_to_rows(failure) -> list[ScoredChunk]:
@@ -76,9 +104,7 @@ class ScoreChunks(beam.PTransform):
         tokenized = chunks | "Tokenize" >> beam.ParDo(self._tokenize).with_outputs(FLAGGED, main="main")
         scored, failed = (
             tokenized.main
-            | "SortAndBatch" >> SortAndBatchElements(
-                min_batch_size=1, max_batch_size=self._max_batch_rows,
-                max_batch_weight=self._max_batch_tokens, element_size_fn=_padded_length)
+            | "BatchByPaddedLength" >> beam.ParDo(BatchByPaddedLength(self._max_batch_rows, self._max_batch_tokens))
             | "RunInference" >> RunInference(self._handler.with_no_batching()).with_exception_handling()
         )
         failed_rows = failed.failed_inferences | "FlagFailedBatches" >> beam.FlatMap(_failed_batch_to_rows)
