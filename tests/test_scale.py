@@ -63,7 +63,6 @@ def test_a_large_document_is_described_in_memory_bounded_by_its_pieces():
 
 def test_bottom_k_jaccard_estimates_large_documents():
     rng = np.random.default_rng(0)
-    opts = dedup.DedupOptions()
     common = rng.choice(2**32 - 1, 300_000, replace=False).astype(np.uint32)
     a_set = np.unique(common[:200_000])
     b_set = np.unique(common[100_000:])  # true Jaccard 100k / 300k

@@ -41,7 +41,6 @@ import unicodedata
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
-import apache_beam as beam
 import numpy as np
 
 MERSENNE = np.uint64((1 << 61) - 1)

@@ -82,12 +82,13 @@ class DocumentStatsFn(beam.CombineFn):
 
     def extract_output(self, acc: DocumentStats) -> dict:
         scored = acc.scored_chunks > 0
+        min_k, min_k_exact = acc.logp.min_k(self._k)
+        min_k_pp, min_k_pp_exact = acc.z.min_k(self._k)
         return {
             "chunks": acc.chunks, "bytes": acc.bytes, "tokens": acc.tokens, "scored_bytes": acc.scored_bytes,
             "flagged_chunks": acc.chunks - acc.scored_chunks,
             "bits": float(acc.bits) if scored else None,
             "coded_bits": None if acc.coded_missing else acc.coded_bits,
             "zlib_bytes": acc.zlib, "zstd_bytes": acc.zstd, "xz_bytes": acc.xz, "scored_zlib_bytes": acc.scored_zlib,
-            "min_k": acc.logp.min_k(self._k)[0], "min_k_pp": acc.z.min_k(self._k)[0],
-            "min_k_exact": acc.logp.min_k(self._k)[1] and acc.z.min_k(self._k)[1],
+            "min_k": min_k, "min_k_pp": min_k_pp, "min_k_exact": min_k_exact and min_k_pp_exact,
         }

@@ -53,10 +53,6 @@ EMPTY = "empty.parquet"
 ROW_GROUP_ROWS = 1 << 16  # rows per Parquet row group: what the writer holds as Arrow at once
 
 
-def write_table(output: str, manifest: str, name: str, rows: list[dict], schema: pa.Schema) -> None:
-    write_rows(output, manifest, name, rows, schema)
-
-
 def write_rows(output: str, manifest: str, name: str, rows: Iterable[dict], schema: pa.Schema) -> None:
     """Streams rows into ``<manifest>/<name>`` through ``pq.ParquetWriter``, one row group per
     ``ROW_GROUP_ROWS`` rows, so that no whole table is built. The file appears whole or not at all:
@@ -369,7 +365,7 @@ class WriteShardsTable(beam.DoFn):
             exact, near = counts.get(r["shard"], (0, 0))
             r.update(exact_duplicates=exact, near_duplicates=near,
                      exact_duplicate_rate=_ratio(exact, r["documents"]), near_duplicate_rate=_ratio(near, r["documents"]))
-        write_table(self._output, "shards", part_name(0), rows, schemas.SHARDS)
+        write_rows(self._output, "shards", part_name(0), rows, schemas.SHARDS)
         # Every manifest folder holds at least one file, so readers never fail on it; a placeholder
         # left by an earlier incremental run goes once the folder has rows.
         has_documents, has_dead = any(r["documents"] for r in rows), any(r["dead_letters"] for r in rows)
@@ -377,7 +373,7 @@ class WriteShardsTable(beam.DoFn):
                                         ("documents", schemas.DOCUMENTS, not has_documents),
                                         ("dead_letter", schemas.DEAD_LETTER, not has_dead)):
             if empty:
-                write_table(self._output, manifest, EMPTY, [], schema)
+                write_rows(self._output, manifest, EMPTY, [], schema)
             else:
                 remove_file(self._output, manifest, EMPTY)
         yield {"shards": len(rows)}
@@ -388,7 +384,7 @@ class _WriteDuplicatesFn(beam.DoFn):
         self._output = output
 
     def process(self, rows: list[dict]) -> Iterator[list[dict]]:
-        write_table(self._output, "duplicates", part_name(0), rows, schemas.DUPLICATES)
+        write_rows(self._output, "duplicates", part_name(0), rows, schemas.DUPLICATES)
         yield rows
 
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -61,15 +60,11 @@ class Chunk:
     zlib_bytes: int
     zstd_bytes: int
     xz_bytes: int
-    size: int = -1  # bytes of the chunk; kept when ``data`` is dropped (``without_data``)
+    size: int = -1  # bytes of the chunk (set from ``data`` when not given)
 
     def __post_init__(self):
         if self.size < 0:
             object.__setattr__(self, "size", len(self.data))
-
-    def without_data(self) -> "Chunk":
-        """The same chunk without its bytes: what the manifests need once it is scored and coded."""
-        return dataclasses.replace(self, data=b"")
 
 
 @dataclass(frozen=True)

@@ -61,14 +61,6 @@ def token_stats(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tens
     return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
 
 
-def pack(values: np.ndarray) -> bytes:
-    return np.ascontiguousarray(values, dtype="<f4").tobytes()
-
-
-def unpack(data: bytes | None) -> np.ndarray:
-    return np.frombuffer(data or b"", dtype="<f4")
-
-
 def min_k_mean(values: np.ndarray, k: float) -> float | None:
     """Mean of the lowest ceil(k * n) values (at least one); None for no values."""
     n = len(values)
