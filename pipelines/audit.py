@@ -25,7 +25,7 @@ from lmc_audit.pipelines.run_record import WriteRunRecord, read_record, verifica
 from lmc_audit.transforms.chunking import DEFAULT_CHUNK_BYTES, ChunkDocuments
 from lmc_audit.transforms.listing import FORMATS, is_inside, list_shards, normalize_location
 from lmc_audit.transforms.decoding import VerifyPayloads, verification_buckets
-from lmc_audit.transforms.dedup import DedupOptions
+from lmc_audit.transforms.dedup import NORMALIZERS, DedupOptions
 from lmc_audit.transforms.find_duplicates import FindDuplicates
 from lmc_audit.transforms.manifests import LoadCommittedSketches, WriteDuplicates, WriteManifests
 from lmc_audit.transforms.model_handler import CodingOptions
@@ -129,6 +129,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--flag-reference-diff-below", type=float, default=defaults.reference_diff_below,
                    help="flag documents whose bpb minus the reference model's bpb is under this "
                         f"(default {defaults.reference_diff_below})")
+    g.add_argument("--reference-shards", nargs="+", action="extend", default=None, metavar="GLOB",
+                   help="shards the model did not see (fnmatch globs on the shard path, or its name when the glob "
+                        "has no /): after the job, the shard-level membership test compares every other shard with "
+                        "them, in run.json and the report (lmc-audit membership runs it on any manifests)")
     d = p.add_argument_group("deduplication")
     dd = DedupOptions()
     d.add_argument("--no-dedup", dest="dedup", action="store_false", help="no duplicates manifest")
@@ -144,6 +148,24 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"NCD compares the documents' first this many bytes (default {dd.ncd_bytes})")
     d.add_argument("--dedup-max-bucket", type=int, default=dd.max_bucket,
                    help=f"documents paired per LSH bucket (default {dd.max_bucket})")
+    d.add_argument("--dedup-containment", type=float, default=dd.containment_threshold,
+                   help="... or with n-gram containment |A∩B|/min(|A|,|B|) at least this, both documents having "
+                        f"--dedup-min-shingles n-grams and the shorter --dedup-min-length-ratio of the longer's "
+                        f"bytes (default {dd.containment_threshold})")
+    d.add_argument("--dedup-line-containment", type=float, default=dd.line_containment,
+                   help=f"... or sharing at least {dd.min_shared_lines} lines and this share of the smaller "
+                        f"document's lines, under the same guards (default {dd.line_containment})")
+    d.add_argument("--dedup-min-shingles", type=int, default=dd.min_shingles,
+                   help=f"n-grams each document needs for the containment and line rules (default {dd.min_shingles})")
+    d.add_argument("--dedup-min-length-ratio", type=float, default=dd.min_length_ratio,
+                   help="the shorter document's bytes over the longer's that the containment and line rules need "
+                        f"(default {dd.min_length_ratio})")
+    d.add_argument("--dedup-min-line-words", type=int, default=dd.min_line_words,
+                   help=f"words a line needs to count for candidates and the line rule (default {dd.min_line_words})")
+    d.add_argument("--dedup-normalize", action="extend", nargs="+", choices=NORMALIZERS, default=[],
+                   help="also normalize the text n-grams and lines are taken from, as datatrove does: "
+                        "'punctuation' (each Unicode punctuation character a space), 'numbers' (each run of "
+                        "digits 0); exact dedup is unaffected")
     p.add_argument("--no-report", dest="report", action="store_false",
                    help="do not write OUTPUT/report.html")
     p.add_argument("--quiet", action="store_true", help="no summary table at the end")
@@ -183,8 +205,13 @@ def signal_options(args: argparse.Namespace) -> SignalOptions:
 def dedup_options(args: argparse.Namespace) -> DedupOptions | None:
     if not args.dedup:
         return None
-    return DedupOptions(args.minhash_ngram, args.minhash_bands, args.minhash_rows, args.minhash_seed,
-                        args.dedup_jaccard, args.dedup_ncd, args.ncd_bytes, args.dedup_max_bucket)
+    return DedupOptions(ngram=args.minhash_ngram, bands=args.minhash_bands, rows=args.minhash_rows,
+                        seed=args.minhash_seed, jaccard_threshold=args.dedup_jaccard, ncd_threshold=args.dedup_ncd,
+                        ncd_bytes=args.ncd_bytes, max_bucket=args.dedup_max_bucket,
+                        containment_threshold=args.dedup_containment, line_containment=args.dedup_line_containment,
+                        min_shingles=args.dedup_min_shingles, min_length_ratio=args.dedup_min_length_ratio,
+                        min_line_words=args.dedup_min_line_words,
+                        normalize=tuple(sorted(set(args.dedup_normalize))))
 
 
 def validate(args: argparse.Namespace) -> None:
@@ -328,7 +355,7 @@ RESULT_OPTIONS = ("format", "text_field", "id_field", "split_bytes", "chunk_byte
                   "length_granularity", "coding", "precision", "coding_scheme", "coding_rows", "coding_block", "min_k",
                   "reference_model", "flag_bpb_below", "flag_zlib_ratio_below", "flag_min_k_above",
                   "flag_min_k_pp_above", "flag_reference_diff_below", "dedup", "minhash_ngram", "minhash_bands",
-                  "minhash_rows", "minhash_seed", "ncd_bytes")
+                  "minhash_rows", "minhash_seed", "ncd_bytes", "dedup_min_line_words", "dedup_normalize")
 
 
 def options_fingerprint(args: argparse.Namespace, model_fingerprint: str) -> str:
@@ -424,6 +451,14 @@ def run(argv: list[str] | None = None, test_pipeline: beam.Pipeline | None = Non
     shards, listing_errors = list_shards(args.input, args.format)
     shards = leave_out_output(shards, args.output)
     check_first_records(shards, args)
+    if args.reference_shards:
+        from lmc_audit.pipelines.membership import shard_matches
+
+        matched = sum(shard_matches(s.path, args.reference_shards) for s in shards)
+        if matched in (0, len(shards)):
+            raise SystemExit(f"lmc-audit: --reference-shards {' '.join(args.reference_shards)} matches "
+                             f"{'none' if matched == 0 else 'all'} of the {len(shards)} shards: the membership "
+                             "test needs reference shards and other (suspect) shards")
     print(f"[lmc-audit] {len(shards)} shards to read from {len(args.input)} input(s)"
           + (f", {len(listing_errors)} unreadable" if listing_errors else ""), file=sys.stderr)
     model_dir = resolve_model_dir(args.model)

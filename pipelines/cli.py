@@ -3,6 +3,7 @@
     lmc-audit run --input ... --output ...          audit a corpus (see ``lmc-audit run --help``)
     lmc-audit decode --payloads ... --output ...    payloads back to documents
     lmc-audit report --manifests ... --output ...   one self-contained HTML report
+    lmc-audit membership --manifests ... --suspect GLOB... --reference GLOB...   was the model trained on them?
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ COMMANDS = {
     "run": "audit a corpus: read, chunk, score, code, write Parquet manifests",
     "decode": "rebuild documents bit-exactly from the payloads of a run",
     "report": "render a run's manifests as one self-contained HTML file",
+    "membership": "test whether the model saw suspect shards, against reference shards",
 }
 
 
@@ -21,7 +23,7 @@ def main(argv: list[str] | None = None) -> int:
     if not argv or argv[0] in ("-h", "--help"):
         print("usage: lmc-audit COMMAND [options]\n\ncommands:")
         for name, text in COMMANDS.items():
-            print(f"  {name:<8} {text}")
+            print(f"  {name:<11} {text}")
         print("\n'lmc-audit COMMAND --help' lists a command's options.")
         return 0 if argv else 2
     command, rest = argv[0], argv[1:]
@@ -41,6 +43,10 @@ def main(argv: list[str] | None = None) -> int:
         from lmc_audit.pipelines.report import main as report
 
         return report(rest)
+    if command == "membership":
+        from lmc_audit.pipelines.membership import main as membership
+
+        return membership(rest)
     print(f"lmc-audit: unknown command {command!r}; commands: {', '.join(COMMANDS)}", file=sys.stderr)
     return 2
 

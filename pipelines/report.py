@@ -117,6 +117,28 @@ white-space:pre-wrap;word-break:break-all}.figs{display:flex;flex-wrap:wrap;gap:
 """
 
 
+def _membership_section(m: dict | None) -> str:
+    """The shard-level membership test of a run given ``--reference-shards`` (``pipelines/membership``)."""
+    if not m:
+        return ""
+    if "error" in m:
+        return f"<h2>Membership test</h2><p>Not computed: {_esc(m['error'])}</p>"
+    rows = [[_esc(name), _fmt(t["auc"]), f'[{_fmt(t["auc_95ci"][0])}, {_fmt(t["auc_95ci"][1])}]',
+             f'{t["p_value"]:.3g}'] for name, t in m["signals"].items()]
+    for name in ("combined", "blind"):
+        if m.get(name):
+            t = m[name]
+            rows.append([f"{name} (fitted on half, tested on half)", _fmt(t["auc"]),
+                         f'[{_fmt(t["auc_95ci"][0])}, {_fmt(t["auc_95ci"][1])}]', f'{t["p_value"]:.3g}'])
+    d = m["documents"]
+    return (f"<h2>Membership test</h2><p><strong>{_esc(m['verdict'])}</strong></p>"
+            f"<p>Suspect: {_fmt(d['suspect'])} documents; reference ({_esc(', '.join(m.get('reference', [])))}): "
+            f"{_fmt(d['reference'])} documents. p = {m['p_value']:.3g}: {_esc(m['statistic'])}, "
+            f"{_fmt(m['permutations'])} permutations. AUC: the chance that a suspect document is more "
+            "predictable to the model than a reference one.</p>"
+            + _table(["signal", "AUC", "95% CI", "p (one-sided)"], rows))
+
+
 def render(manifests: str, run: dict | None = None) -> str:
     """``run``: the run record; read from ``run.json`` when not given."""
     docs = read_manifest(manifests, "documents")
@@ -161,11 +183,13 @@ def render(manifests: str, run: dict | None = None) -> str:
         kept = members[0]["kept_doc_id"]
         dropped = sorted((m for m in members if not m["keep"]), key=lambda m: m["doc_id"])
         cluster_rows.append([_fmt(members[0]["cluster_id"]), _fmt(len(members)), _esc(kept),
-                             "<br>".join(f'{_esc(m["doc_id"])} ({m["reason"]}, J={_fmt(m["jaccard"], 2)}, '
+                             "<br>".join(f'{_esc(m["doc_id"])} ({_esc(m.get("rule", m["reason"]))}, '
+                                         f'J={_fmt(m["jaccard"], 2)}, C={_fmt(m.get("containment"), 2)}, '
                                          f'NCD={_fmt(m["ncd"], 2)})' for m in dropped),
                              f'<div class="snippet">{_esc(snippets.get(kept, ""))}</div>'])
-    cluster_table = (_table(["cluster", "size", "kept", "dropped (reason, Jaccard, NCD)", "kept snippet"],
+    cluster_table = (_table(["cluster", "size", "kept", "dropped (rule, Jaccard, containment, NCD)", "kept snippet"],
                             cluster_rows) if cluster_rows else "<p>No duplicates found.</p>")
+    membership = _membership_section(run.get("membership"))
     model = run.get("model", {})
     title = "lmc-audit report"
     return f"""<!DOCTYPE html>
@@ -183,6 +207,7 @@ flagged by any memorization signal are marked.</figcaption></figure></div>
 <h2>Most suspicious documents</h2><p>Ordered by the number of signals that flag them, then by zlib ratio
 (model bits / zlib bits).</p>{doc_table}
 <h2>Largest duplicate clusters</h2>{cluster_table}
+{membership}
 </body></html>
 """
 

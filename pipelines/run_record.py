@@ -172,6 +172,11 @@ class WriteRunRecordFn(beam.DoFn):
         record = build_record(self._job, shards, documents_read + dead_letters_read + self._extra,
                               verification[0] if verification else None, time.time() - self._started,
                               dict(schemes))
+        reference = self._job["options"].get("reference_shards")
+        if reference:
+            from lmc_audit.pipelines.membership import run_membership
+
+            record["membership"] = run_membership(self._output, reference)
         if self._report:
             from lmc_audit.pipelines.report import write_report
 

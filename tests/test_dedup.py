@@ -68,8 +68,69 @@ def test_clusters_keep_the_first_document_in_input_order():
 
 def test_star_pairs_are_linear_and_capped():
     members = [(0, i, f"d{i}") for i in reversed(range(5))]
-    assert list(dedup.star_pairs(iter(members), 100)) == [((0, 0, "d0"), (0, i, f"d{i}")) for i in range(1, 5)]
-    assert list(dedup.star_pairs(iter(members), 3)) == [((0, 0, "d0"), (0, 1, "d1")), ((0, 0, "d0"), (0, 2, "d2"))]
+    d = [(0, i, f"d{i}") for i in range(5)]
+    assert list(dedup.star_pairs(iter(members), 100)) == [(d[0], d[i]) for i in range(1, 5)]
+    assert list(dedup.star_pairs(iter(members), 3)) == [(d[0], d[1]), (d[0], d[2])]
+    # With two centers every member also meets the second member: pairs stay under 2 per member.
+    assert list(dedup.star_pairs(iter(members), 100, centers=2)) == [
+        (d[0], d[1]), (d[0], d[2]), (d[1], d[2]), (d[0], d[3]), (d[1], d[3]), (d[0], d[4]), (d[1], d[4])]
+
+
+LICENCE = ("Copyright (c) 2001-2023 Example Foundation; all rights reserved.\n\n"
+           "Permission is granted to use, copy, modify and distribute this text for any purpose, provided that "
+           "the above notice and this permission notice appear in all copies of the text.\n\n"
+           "This text is provided as is without warranty of any kind, express or implied, including but not "
+           "limited to the warranties of merchantability and fitness for a particular purpose.\n\n")
+
+
+def _sketch(doc_id: str, text: str, opts: DedupOptions = DedupOptions()) -> dedup.DocSketch:
+    return dedup.make_sketch((0, int(doc_id.encode().hex(), 16) % 10**9, doc_id), "s", text.encode(), opts,
+                             dedup.MinHasher(opts.num_perm, opts.seed))
+
+
+def _shuffled(text: str, seed: int = 0) -> str:
+    paragraphs = text.split("\n\n")
+    random.Random(seed).shuffle(paragraphs)
+    return "\n\n".join(paragraphs)
+
+
+def test_verification_rules_find_partial_and_shuffled_copies_but_not_shared_boilerplate():
+    opts = DedupOptions()
+    texts = _texts()
+    base = _sketch("base", texts[0])
+    cut = texts[0][:int(len(texts[0]) * 0.6)]
+    prefix = dedup.verify(base, _sketch("prefix", cut), opts)
+    assert prefix.rule is not None and prefix.containment > 0.95 and prefix.jaccard < 0.7
+    assert prefix.length_ratio == pytest.approx(0.6, abs=0.02)
+    # Where Jaccard does not reach its threshold, containment decides.
+    strict = DedupOptions(jaccard_threshold=0.9)
+    assert dedup.verify(base, _sketch("prefix", cut), strict).rule == "containment"
+    shuffled = dedup.verify(base, _sketch("shuffled", _shuffled(texts[0])), opts)
+    assert shuffled.rule is not None and shuffled.line_containment == 1.0
+    # Distinct documents under one licence header share a few lines and n-grams: never a duplicate.
+    licensed = [_sketch(f"lic{i}", LICENCE + t) for i, t in enumerate(texts[1:4])]
+    for a, b in [(licensed[0], licensed[1]), (licensed[1], licensed[2]), (licensed[0], licensed[2])]:
+        v = dedup.verify(a, b, opts)
+        assert v.rule is None and v.containment < 0.3, v
+    # A document that is little more than the header is contained in each of them, but too short
+    # beside them to count: it cannot chain them into one cluster.
+    header_only = _sketch("header", LICENCE + "See the documentation for more.")
+    for other in licensed:
+        v = dedup.verify(header_only, other, opts)
+        assert v.containment > 0.9 and v.length_ratio < opts.min_length_ratio and v.rule is None
+    # The same prefix with the guard turned off is a duplicate: the guard, not chance, decided.
+    assert dedup.verify(header_only, licensed[0], DedupOptions(min_length_ratio=0.0)).rule == "containment"
+
+
+def test_datatrove_normalization_ignores_punctuation_and_numbers():
+    plain, simple = DedupOptions(), DedupOptions(normalize=("numbers", "punctuation"))
+    a = "Version 3.11, released 2022-10-24: faster (much faster!) than 3.10; see the notes. " * 8
+    b = "version 3.12 released 2023-10-02 faster much faster than 3.11 see the notes " * 8
+    assert dedup.verify(_sketch("a", a, simple), _sketch("b", b, simple), simple).jaccard == 1.0
+    assert dedup.verify(_sketch("a", a, plain), _sketch("b", b, plain), plain).jaccard < 0.5
+    assert dedup.simplify("a,b 1.5 x2y 10,000", ("numbers", "punctuation")) == "a b 0 x0y 0"
+    with pytest.raises(ValueError, match="unknown normalization"):
+        DedupOptions(normalize=("stemming",))
 
 
 def test_an_exact_cluster_larger_than_the_bucket_cap_is_whole(tmp_path, tiny_byte_model):
@@ -127,13 +188,19 @@ def _bundled_bits(data: bytes) -> float:
 
 
 def planted_docs() -> list[dict]:
-    """Six unrelated documents, and copies of three of them: whitespace-changed, word-edited, reflowed."""
+    """Six unrelated documents; copies of five of them: whitespace-changed, word-edited, reflowed, cut to
+    60%, paragraphs shuffled; three other documents under one licence header, and the header alone."""
     rng = random.Random(0)
     texts = _texts()
     docs = [{"id": f"orig{i}", "text": t} for i, t in enumerate(texts)]
     docs.append({"id": "ws0", "text": "  ".join(texts[0].split()).upper()})  # exact after normalization
     docs.append({"id": "edit1", "text": _edit_words(texts[1], 4, rng)})
     docs.append({"id": "reflow2", "text": texts[2].replace("\n", " ").replace(". ", ".\n")})
+    docs.append({"id": "prefix3", "text": texts[3][:int(len(texts[3]) * 0.6)]})
+    docs.append({"id": "shuffled4", "text": _shuffled(texts[4])})
+    files = sorted(Path(bundled_sample_dir()).glob("*.txt"))
+    docs += [{"id": f"licensed{i}", "text": LICENCE + f.read_text()[:3000]} for i, f in enumerate(files[6:9])]
+    docs.append({"id": "header", "text": LICENCE + "See the documentation for more."})
     return docs
 
 
@@ -143,7 +210,8 @@ def planted(tmp_path_factory):
     corpus = tmp_path_factory.mktemp("planted")
     # Copies in a second shard, listed after the first: the originals are kept.
     (corpus / "a.jsonl").write_text("".join(json.dumps(d) + "\n" for d in docs[:6]))
-    (corpus / "b.jsonl").write_text("".join(json.dumps(d) + "\n" for d in docs[6:]))
+    (corpus / "b.jsonl").write_text("".join(json.dumps(d) + "\n" for d in docs[6:11]))
+    (corpus / "c.jsonl").write_text("".join(json.dumps(d) + "\n" for d in docs[11:]))
     out = tmp_path_factory.mktemp("planted_out")
     record = run(["--input", str(corpus), "--output", str(out), "--id-field", "id", "--quiet", "--no-coding"])
     rows = ds.dataset(out / "duplicates", format="parquet").to_table().to_pylist()
@@ -152,14 +220,20 @@ def planted(tmp_path_factory):
 
 def test_pipeline_finds_planted_duplicates_and_keeps_unrelated_apart(planted):
     out, record, rows = planted
-    assert set(rows) == {"orig0", "ws0", "orig1", "edit1", "orig2", "reflow2"}
-    for orig, copy in (("orig0", "ws0"), ("orig1", "edit1"), ("orig2", "reflow2")):
+    # The licensed documents and the header alone are in no cluster.
+    assert set(rows) == {"orig0", "ws0", "orig1", "edit1", "orig2", "reflow2", "orig3", "prefix3", "orig4",
+                         "shuffled4"}
+    for orig, copy in (("orig0", "ws0"), ("orig1", "edit1"), ("orig2", "reflow2"), ("orig3", "prefix3"),
+                       ("orig4", "shuffled4")):
         assert rows[orig]["keep"] and not rows[copy]["keep"]
         assert rows[copy]["kept_doc_id"] == orig and rows[copy]["matched_doc_id"] == orig
         assert rows[orig]["cluster_id"] == rows[copy]["cluster_id"] and rows[copy]["cluster_size"] == 2
     # Reflowed lines are the same text once whitespace is normalized.
     assert rows["ws0"]["reason"] == rows["reflow2"]["reason"] == "exact" and rows["edit1"]["reason"] == "near"
-    assert rows["edit1"]["jaccard"] > 0.7
+    assert rows["edit1"]["jaccard"] > 0.7 and rows["edit1"]["rule"] == "jaccard"
+    assert rows["prefix3"]["rule"] in ("jaccard", "containment") and rows["prefix3"]["containment"] > 0.95
+    assert rows["prefix3"]["length_ratio"] == pytest.approx(0.6, abs=0.02)
+    assert rows["shuffled4"]["line_containment"] == 1.0 and rows["orig4"]["rule"] == "kept"
     # NCD is the definition applied to the model's bits of the first 1024 bytes, each scored from BOS.
     texts = {d["id"]: d["text"].encode() for d in planted_docs()}
     assert rows["ws0"]["ncd"] is None and rows["reflow2"]["ncd"] is None  # exact: no NCD forwards
@@ -168,12 +242,13 @@ def test_pipeline_finds_planted_duplicates_and_keeps_unrelated_apart(planted):
         cx, cy, cxy = _bundled_bits(x), _bundled_bits(y), _bundled_bits(x + y)
         assert rows[copy]["ncd"] == pytest.approx((cxy - min(cx, cy)) / max(cx, cy), rel=1e-4)
     shards = {Path(s["shard"]).name: s for s in ds.dataset(out / "shards", format="parquet").to_table().to_pylist()}
-    assert (shards["b.jsonl"]["exact_duplicates"], shards["b.jsonl"]["near_duplicates"]) == (2, 1)
-    assert shards["b.jsonl"]["near_duplicate_rate"] == pytest.approx(1 / 3)
+    assert (shards["b.jsonl"]["exact_duplicates"], shards["b.jsonl"]["near_duplicates"]) == (2, 3)
+    assert shards["b.jsonl"]["near_duplicate_rate"] == pytest.approx(3 / 5)
     assert shards["a.jsonl"]["exact_duplicates"] == shards["a.jsonl"]["near_duplicates"] == 0
+    assert shards["c.jsonl"]["exact_duplicates"] == shards["c.jsonl"]["near_duplicates"] == 0
     docs = ds.dataset(out / "documents", format="parquet").to_table().to_pylist()
     hashes = {d["doc_id"]: d["normalized_hash"] for d in docs}
-    assert hashes["orig0"] == hashes["ws0"] and hashes["orig2"] == hashes["reflow2"] and len(set(hashes.values())) == 7
+    assert hashes["orig0"] == hashes["ws0"] and hashes["orig2"] == hashes["reflow2"] and len(set(hashes.values())) == 13
 
 
 def test_dedup_options_are_checked_when_the_job_is_built(tmp_path):

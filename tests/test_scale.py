@@ -16,28 +16,32 @@ from lmc_audit.transforms.document_facts import DocumentDescriber
 from lmc_audit.transforms.manifests import ROW_GROUP_ROWS, write_rows
 
 TEXTS = ["Héllo Wörld  ﬁne\n\tTEXT " * 300 + "end", "a", "two words", "ＨＥＬＬＯ café  x" * 1000, "  ",
-         "é" * 5000, "no-space-at-all-" * 200]
+         "é" * 5000, "no-space-at-all-" * 200,
+         "".join(f"Line {i}: the quick brown fox, version 3.{i}, jumps over {i * 7} lazy dogs!\n" + "\n \n" * (i % 3)
+                 for i in range(400)) + "last line without a break but with enough words to count"]
 
 
+@pytest.mark.parametrize("normalize", [(), ("numbers", "punctuation")])
 @pytest.mark.parametrize("text", TEXTS)
-def test_facts_from_pieces_equal_facts_of_the_whole_text(text):
-    """However the reader cuts a document (even inside a UTF-8 character or a word), its hashes and
-    sketch are those of the whole text."""
-    opts = dedup.DedupOptions()
+def test_facts_from_pieces_equal_facts_of_the_whole_text(text, normalize):
+    """However the reader cuts a document (even inside a UTF-8 character, a word or a line break), its
+    hashes and sketch (n-grams, signature, line hashes) are those of the whole text."""
+    opts = dedup.DedupOptions(normalize=normalize)
     hasher = dedup.MinHasher(opts.num_perm, opts.seed)
     data = text.encode()
     whole = dedup.make_sketch((0, 0, "d"), "s", data, opts, hasher)
     content = hashlib.sha256(b"".join(hashlib.sha256(data[i:i + 16]).digest()
                                       for i in range(0, len(data), 16))).hexdigest()
     rng = random.Random(len(data))
-    for _ in range(5):
+    for trial in range(5):
         describer = DocumentDescriber((0, 0, "d"), "s", 16, opts, hasher)
-        cuts = sorted(rng.sample(range(len(data) + 1), min(4, len(data) + 1)))
+        cuts = sorted(rng.sample(range(len(data) + 1), min(4 + 40 * trial, len(data) + 1)))
         for a, b in zip([0, *cuts], [*cuts, len(data)]):
             describer.update(data[a:b])
         facts = describer.finish()
         assert facts.normalized_hash == whole.normalized_hash == dedup.normalized_hash(data)
         assert facts.sketch.shingles == whole.shingles and facts.sketch.signature == whole.signature
+        assert facts.sketch.lines == whole.lines
         assert facts.content_hash == content and facts.bytes == len(data)
         assert facts.sketch.prefix == data[:opts.ncd_bytes]
 
@@ -74,6 +78,11 @@ def test_bottom_k_jaccard_estimates_large_documents():
     small = dedup.DocSketch((0, 0, "y"), "s", 0, "h", np.arange(10, dtype=np.uint32).tobytes(), b"", b"")
     half = dedup.DocSketch((0, 0, "z"), "s", 0, "h", np.arange(5, 15, dtype=np.uint32).tobytes(), b"", b"")
     assert dedup.jaccard(small, half) == pytest.approx(5 / 15)  # exact below the cap
+    # Containment of a subset is about 1 from the sketches, and the sizes are k-minimum-values estimates.
+    prefix = np.unique(common[:150_000])
+    grams = dedup.shingle_overlap(sketch(prefix), sketch(a_set))
+    assert grams.containment == pytest.approx(1.0, abs=0.03) and grams.jaccard == pytest.approx(0.75, abs=0.02)
+    assert grams.a == pytest.approx(150_000, rel=0.03) and grams.b == pytest.approx(200_000, rel=0.03)
 
 
 def test_manifest_rows_stream_in_row_groups(tmp_path):

@@ -2,24 +2,44 @@
 
 Chain (README, "Duplicates"):
 
-1. ``DocSketch`` per document (made where a shard's manifests are written,
-   which holds each whole document): a normalized-content hash, the sorted set
-   of word n-gram hashes, a MinHash signature, the first chunk and its bits.
+1. ``DocSketch`` per document, made while it is read (``document_facts``): a
+   normalized-content hash, the sorted set of word n-gram hashes, a MinHash
+   signature, the sorted set of its line hashes, and its first ``ncd_bytes``.
 2. Exact: GroupByKey on the normalized hash; every member is joined to the
    group's first member, however large the group (never capped: the most
    repeated text is the one that matters most), with no Jaccard or NCD.
-3. Near: one key per LSH band (``bands`` x ``rows`` hashes), GroupByKey; in a
-   bucket every member is paired with the bucket's first member (a star, as
-   datatrove does: n-1 pairs, not n^2); a bucket above ``max_bucket`` members
-   pairs only its first ``max_bucket`` and is counted (``dedup_capped_buckets``).
-   Pairs of equal normalized text are left to step 2.
+3. Near: candidate keys are one per LSH band (``bands`` x ``rows`` hashes) and
+   one per each of the ``line_keys`` smallest line hashes (lines of at least
+   ``min_line_words`` words: a copy with its paragraphs shuffled, or cut short,
+   keeps its lines while its n-grams across paragraph ends change). GroupByKey;
+   in a bucket every member is paired with the bucket's first
+   ``bucket_centers`` members (datatrove pairs with the first only: a star;
+   either way linear, not n^2: ``star_pairs``); a bucket above ``max_bucket``
+   members pairs only its first ``max_bucket`` and is counted
+   (``dedup_capped_buckets``). Pairs of equal normalized text are left to step 2.
 4. Candidate pairs are joined to both sketches (two CoGroupByKeys) and
-   verified: true Jaccard of the n-gram sets, and the model's normalized
-   compression distance on the documents' first ``ncd_bytes`` bytes,
-   ``NCD = (C(xy) - min(C(x), C(y))) / max(C(x), C(y))`` with C the bits under
-   the model: x, y and xy are each scored as one chunk through ``ScoreChunks``
-   (half a chunk each by default, so xy fits the context the model is used
-   with).
+   verified (``verify``) by the first rule that holds:
+
+   - ``jaccard``: n-gram Jaccard at least ``jaccard_threshold``;
+   - ``containment``: |A∩B| / min(|A|, |B|) at least ``containment_threshold``
+     (a copy both cut short and edited keeps a high containment while its
+     Jaccard falls below the threshold);
+   - ``lines``: at least ``min_shared_lines`` lines in common, the shared lines
+     at least ``line_containment`` of the smaller line set, and n-gram
+     containment at least ``line_ngram_floor`` (a copy with shuffled paragraphs);
+   - ``ncd``: the model's normalized compression distance on the documents'
+     first ``ncd_bytes`` bytes at most ``ncd_threshold``,
+     ``NCD = (C(xy) - min(C(x), C(y))) / max(C(x), C(y))`` with C the bits
+     under the model: x, y and xy are each scored as one chunk through
+     ``ScoreChunks``.
+
+   The containment and line rules are guarded so that a short or boilerplate
+   document cannot chain distinct documents into one cluster: both documents
+   need at least ``min_shingles`` n-grams and the shorter at least
+   ``min_length_ratio`` of the longer's bytes. A licence header shared by
+   distinct documents is a small part of each: low containment, few shared
+   lines; a document that is little more than the header is too short beside
+   them. The manifest records every measure and the rule that decided.
 5. Verified edges go to one worker for union-find (connected components), as
    datatrove's cluster stage does; edges are small (two ids and two floats).
 
@@ -34,9 +54,12 @@ before 2.0) with the same seed and size.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import heapq
+import re
 import struct
+import sys
 import unicodedata
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
@@ -47,22 +70,50 @@ MERSENNE = np.uint64((1 << 61) - 1)
 MAX_HASH = np.uint64((1 << 32) - 1)
 
 
+NORMALIZERS = ("punctuation", "numbers")
+
+
 @dataclass(frozen=True)
 class DedupOptions:
-    """Defaults follow datatrove's MinHash: 5-grams of words, 14 bands x 8 rows."""
+    """5-grams of words as datatrove; 25 bands x 4 rows (datatrove's 14 x 8 finds a pair at Jaccard 0.5
+    with probability 0.05, 25 x 4 with 0.80: ``benchmarks/dedup.py`` measures both).
+
+    ``normalize`` adds datatrove-style simplifications to the text that n-grams and line hashes are taken
+    from (exact dedup always compares NFKC, case-folded, whitespace-collapsed text): ``punctuation``
+    turns every Unicode punctuation character into a space, ``numbers`` turns every run of digits
+    (with ``.`` or ``,`` between digits) into ``0``."""
 
     ngram: int = 5
-    bands: int = 14
-    rows: int = 8
+    bands: int = 25
+    rows: int = 4
     seed: int = 1
     jaccard_threshold: float = 0.5
     ncd_threshold: float = 0.3
     ncd_bytes: int = 1024
     max_bucket: int = 1000  # members of one near-duplicate bucket paired; larger ones are counted, capped
+    bucket_centers: int = 4  # each bucket member is compared with this many first members
+    containment_threshold: float = 0.6
+    line_containment: float = 0.8
+    line_ngram_floor: float = 0.3
+    min_shared_lines: int = 3
+    min_line_words: int = 8
+    line_keys: int = 8
+    min_shingles: int = 50
+    min_length_ratio: float = 0.5
+    normalize: tuple[str, ...] = ()
 
     def __post_init__(self):
         if self.ngram < 1 or self.bands < 1 or self.rows < 1:
             raise ValueError("ngram, bands and rows must be at least 1")
+        for name in ("containment_threshold", "line_containment", "line_ngram_floor", "min_length_ratio"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ValueError(f"{name} must be in [0, 1], got {getattr(self, name)}")
+        if self.min_shared_lines < 1 or self.min_line_words < 1 or self.line_keys < 0 or self.min_shingles < 0:
+            raise ValueError("min_shared_lines and min_line_words must be at least 1, line_keys and "
+                             "min_shingles at least 0")
+        unknown = sorted(set(self.normalize) - set(NORMALIZERS))
+        if unknown:
+            raise ValueError(f"unknown normalization {', '.join(unknown)}: choose from {', '.join(NORMALIZERS)}")
         if not 0.0 < self.jaccard_threshold <= 1.0:
             raise ValueError(f"jaccard_threshold must be in (0, 1], got {self.jaccard_threshold}")
         if self.ncd_threshold < 0:
@@ -71,6 +122,8 @@ class DedupOptions:
             raise ValueError("ncd_bytes must be at least 1")
         if self.max_bucket < 2:
             raise ValueError("max_bucket must be at least 2")
+        if self.bucket_centers < 1:
+            raise ValueError("bucket_centers must be at least 1")
 
     @property
     def num_perm(self) -> int:
@@ -89,6 +142,7 @@ class DocSketch:
     shingles: bytes  # sorted unique uint32 n-gram hashes
     signature: bytes  # num_perm uint32
     prefix: bytes  # the first ncd_bytes bytes
+    lines: bytes = b""  # sorted unique uint32 hashes of lines of at least min_line_words words
 
 
 @dataclass(frozen=True)
@@ -99,6 +153,10 @@ class Edge:
     ncd: float | None
     a_info: tuple[str, str]  # (shard, normalized hash)
     b_info: tuple[str, str]
+    containment: float | None = None
+    line_containment: float | None = None
+    length_ratio: float | None = None
+    rule: str = "exact"  # exact, jaccard, containment, lines or ncd
 
 
 def normalize_text(data: bytes) -> str:
@@ -111,7 +169,37 @@ def normalized_hash(data: bytes) -> str:
     return hashlib.sha256(normalize_text(data).encode()).hexdigest()
 
 
+_NUMBER = re.compile(r"\d+(?:[.,]\d+)*")
+
+
+@functools.cache
+def _punctuation_table() -> dict[int, str]:
+    return {c: " " for c in range(sys.maxunicode + 1) if unicodedata.category(chr(c)).startswith("P")}
+
+
+def simplify(text: str, normalize: tuple[str, ...]) -> str:
+    """The ``normalize`` steps on already NFKC-normalized, case-folded text (``DedupOptions``)."""
+    if "numbers" in normalize:  # first: "1.5" and "10,000" are one number each
+        text = _NUMBER.sub("0", text)
+    if "punctuation" in normalize:
+        text = text.translate(_punctuation_table())
+    return text
+
+
 SHINGLE_CAP = 1 << 16  # n-gram hashes a sketch keeps: the smallest, a bottom-k sketch above it
+LINE_CAP = 1 << 12  # line hashes a sketch keeps, likewise
+
+
+def line_hash(words: list[str]) -> int:
+    return struct.unpack("<I", hashlib.sha1(" ".join(words).encode()).digest()[:4])[0]
+
+
+def line_hashes(text: str, options: DedupOptions) -> np.ndarray:
+    """Sorted unique hashes of the simplified lines of at least ``min_line_words`` words, the
+    ``LINE_CAP`` smallest (``text`` NFKC-normalized and case-folded, line breaks kept)."""
+    hashes = [line_hash(w) for w in (simplify(line, options.normalize).split() for line in text.split("\n"))
+              if len(w) >= options.min_line_words]
+    return np.unique(np.array(hashes, np.uint32))[:LINE_CAP]
 
 
 def gram_hashes(grams: list[str]) -> np.ndarray:
@@ -148,24 +236,92 @@ class MinHasher:
 
 
 def make_sketch(key: DocKey, shard: str, data: bytes, options: DedupOptions, hasher: MinHasher) -> DocSketch:
-    text = normalize_text(data)
-    shingles = shingle_hashes(text, options.ngram)
+    """A whole document's sketch at once: the reference that ``DocumentDescriber``'s streaming equals."""
+    folded = unicodedata.normalize("NFKC", data.decode("utf-8", errors="replace")).casefold()
+    text = " ".join(folded.split())
+    shingles = shingle_hashes(simplify(text, options.normalize), options.ngram)
     return DocSketch(key, shard, len(data), hashlib.sha256(text.encode()).hexdigest(), shingles.tobytes(),
-                     hasher.signature(shingles).tobytes(), data[:options.ncd_bytes])
+                     hasher.signature(shingles).tobytes(), data[:options.ncd_bytes],
+                     line_hashes(folded, options).tobytes())
+
+
+@dataclass(frozen=True)
+class Overlap:
+    """Sizes of two hash sets and of their intersection; estimates where a set is a bottom-k sketch."""
+
+    both: float
+    a: float
+    b: float
+
+    @property
+    def jaccard(self) -> float:
+        union = self.a + self.b - self.both
+        return self.both / union if union > 0 else 1.0
+
+    @property
+    def containment(self) -> float:
+        smaller = min(self.a, self.b)
+        return min(1.0, self.both / smaller) if smaller > 0 else 1.0
+
+
+def _distinct(x: np.ndarray, cap: int) -> float:
+    """Size of the set a sorted sketch stands for: its length when whole, else the k-minimum-values
+    estimate (k - 1) / (k-th smallest hash as a fraction of the hash range)."""
+    if len(x) < cap:
+        return float(len(x))
+    return (len(x) - 1) / ((float(x[-1]) + 1.0) / 2.0 ** 32)
+
+
+def overlap(x: np.ndarray, y: np.ndarray, cap: int) -> Overlap:
+    """Exact when both sets are whole; when a sketch holds only its ``cap`` smallest hashes, the bottom-k
+    estimate: Jaccard is the share of the k smallest hashes of the union that both hold (k the smaller
+    sketch's size; standard error about sqrt(J(1-J)/k)), and set sizes are k-minimum-values estimates."""
+    if len(x) < cap and len(y) < cap:
+        both = len(np.intersect1d(x, y, assume_unique=True))
+        return Overlap(float(both), float(len(x)), float(len(y)))
+    k = min(len(x), len(y))
+    union = np.union1d(x, y)[:k]
+    share = float(np.isin(union, np.intersect1d(x, y, assume_unique=True), assume_unique=True).sum() / k)
+    a, b = _distinct(x, cap), _distinct(y, cap)
+    return Overlap(share * (a + b) / (1.0 + share), a, b)  # |A∩B| = J (|A| + |B|) / (1 + J)
+
+
+def shingle_overlap(a: DocSketch, b: DocSketch) -> Overlap:
+    return overlap(np.frombuffer(a.shingles, np.uint32), np.frombuffer(b.shingles, np.uint32), SHINGLE_CAP)
 
 
 def jaccard(a: DocSketch, b: DocSketch) -> float:
-    """Jaccard similarity of the n-gram sets: exact when both sets are whole; when a sketch holds only
-    its ``SHINGLE_CAP`` smallest hashes, the bottom-k estimate (the share of the k smallest hashes of
-    the union that both hold, k the smaller sketch's size; standard error about sqrt(J(1-J)/k))."""
-    x, y = np.frombuffer(a.shingles, np.uint32), np.frombuffer(b.shingles, np.uint32)
-    if len(x) >= SHINGLE_CAP or len(y) >= SHINGLE_CAP:
-        k = min(len(x), len(y))
-        union = np.union1d(x, y)[:k]
-        both = np.intersect1d(x, y, assume_unique=True)
-        return float(np.isin(union, both, assume_unique=True).sum() / k) if k else 1.0
-    union = len(np.union1d(x, y))
-    return len(np.intersect1d(x, y, assume_unique=True)) / union if union else 1.0
+    """Jaccard similarity of the n-gram sets (``overlap``: exact, or a bottom-k estimate)."""
+    return shingle_overlap(a, b).jaccard
+
+
+@dataclass(frozen=True)
+class Verdict:
+    jaccard: float
+    containment: float
+    line_containment: float | None
+    length_ratio: float
+    rule: str | None  # the first rule that holds, None when none does
+
+
+def verify(a: DocSketch, b: DocSketch, options: DedupOptions, distance: float | None = None) -> Verdict:
+    """The rules of this module's docstring, step 4, in order."""
+    grams = shingle_overlap(a, b)
+    lines = overlap(np.frombuffer(a.lines, np.uint32), np.frombuffer(b.lines, np.uint32), LINE_CAP)
+    ratio = min(a.bytes, b.bytes) / max(a.bytes, b.bytes) if max(a.bytes, b.bytes) else 1.0
+    line_share = lines.containment if min(lines.a, lines.b) > 0 else None
+    guarded = min(grams.a, grams.b) >= options.min_shingles and ratio >= options.min_length_ratio
+    rule = None
+    if grams.jaccard >= options.jaccard_threshold:
+        rule = "jaccard"
+    elif guarded and grams.containment >= options.containment_threshold:
+        rule = "containment"
+    elif (guarded and line_share is not None and lines.both >= options.min_shared_lines
+          and line_share >= options.line_containment and grams.containment >= options.line_ngram_floor):
+        rule = "lines"
+    elif distance is not None and distance <= options.ncd_threshold:
+        rule = "ncd"
+    return Verdict(grams.jaccard, grams.containment, line_share, ratio, rule)
 
 
 def ncd(cx: float | None, cy: float | None, cxy: float | None) -> float | None:
@@ -174,20 +330,25 @@ def ncd(cx: float | None, cy: float | None, cxy: float | None) -> float | None:
     return (cxy - min(cx, cy)) / max(cx, cy)
 
 
-def band_keys(key: DocKey, signature: bytes, options: DedupOptions) -> Iterator[tuple[bytes, DocKey]]:
-    """One LSH bucket key per band of the signature; none for an empty signature (a text without n-grams,
-    which only exact dedup can match)."""
+def band_keys(key: DocKey, signature: bytes, options: DedupOptions,
+              lines: bytes = b"") -> Iterator[tuple[bytes, DocKey]]:
+    """One LSH bucket key per band of the signature (none for an empty signature: a text without n-grams,
+    which only exact dedup can match), and one per each of the ``line_keys`` smallest line hashes."""
     sig = np.frombuffer(signature, np.uint32)
     for band in range(options.bands if signature else 0):
         part = sig[band * options.rows:(band + 1) * options.rows]
         yield band.to_bytes(2, "big") + hashlib.sha1(part.tobytes()).digest()[:12], key
+    for line in np.frombuffer(lines, np.uint32)[:options.line_keys]:
+        yield b"L" + int(line).to_bytes(4, "big"), key
 
 
-ExactMember = tuple[DocKey, str, bytes]  # (document, shard, MinHash signature or b"" without n-grams)
+# (document, shard, MinHash signature or b"" without n-grams, line hashes)
+ExactMember = tuple[DocKey, str, bytes, bytes]
 
 
 def exact_member(sketch: DocSketch) -> tuple[str, ExactMember]:
-    return sketch.normalized_hash, (sketch.key, sketch.shard, sketch.signature if sketch.shingles else b"")
+    return sketch.normalized_hash, (sketch.key, sketch.shard, sketch.signature if sketch.shingles else b"",
+                                    sketch.lines)
 
 
 def _first(members: Iterable[ExactMember]) -> ExactMember:
@@ -202,9 +363,9 @@ def exact_edges(element: tuple[str, Iterable[ExactMember]]) -> Iterator[Edge]:
     (a grouped value is re-iterable in Beam). The texts are equal: no Jaccard or NCD is needed."""
     text_hash, members = element
     first = _first(members)
-    for key, shard, _ in members:
+    for key, shard, _, _ in members:
         if key != first[0]:
-            yield Edge(first[0], key, 1.0, None, (first[1], text_hash), (shard, text_hash))
+            yield Edge(first[0], key, 1.0, None, (first[1], text_hash), (shard, text_hash), 1.0, None, None, "exact")
 
 
 def representative_band_keys(element: tuple[str, Iterable[ExactMember]],
@@ -212,16 +373,22 @@ def representative_band_keys(element: tuple[str, Iterable[ExactMember]],
     """Band keys of each distinct text's first document only: copies of one text join their cluster
     through exact edges, so they never crowd the near-duplicate buckets."""
     _, members = element
-    key, _, signature = _first(members)
-    yield from band_keys(key, signature, options)
+    key, _, signature, lines = _first(members)
+    yield from band_keys(key, signature, options, lines)
 
 
-def star_pairs(members: Iterable[DocKey], max_bucket: int) -> Iterator[tuple[DocKey, DocKey]]:
-    """Each member paired with the bucket's first member in input order; of a bucket larger than
-    ``max_bucket``, the first ``max_bucket`` members. Holds ``max_bucket`` keys, whatever the bucket."""
+def star_pairs(members: Iterable[DocKey], max_bucket: int, centers: int = 1) -> Iterator[tuple[DocKey, DocKey]]:
+    """Each member paired with each of the bucket's first ``centers`` members in input order that come
+    before it; of a bucket larger than ``max_bucket``, the first ``max_bucket`` members. At most
+    ``centers`` pairs per member, and ``max_bucket`` keys held, whatever the bucket.
+
+    One center (datatrove's star) suffices when a shared bucket means a duplicate. With verification
+    it does not: when the first member is a loose copy (a 30% prefix) that fails verification with
+    the others, the others, true copies of one another, would never be compared."""
     smallest = heapq.nsmallest(max_bucket, members)  # members are distinct: one key per document
-    for other in smallest[1:]:
-        yield smallest[0], other
+    for i, other in enumerate(smallest[1:], start=1):
+        for center in smallest[:min(i, centers)]:
+            yield center, other
 
 
 class _Components:
@@ -281,5 +448,7 @@ def duplicate_rows(edges: Iterable[Edge]) -> list[dict]:
                 "cluster_size": len(members), "keep": keep, "kept_doc_id": root[2],
                 "reason": "kept" if keep else ("exact" if h == hashes[root][1] else "near"),
                 "matched_doc_id": matched[2], "jaccard": e.jaccard, "ncd": e.ncd,
+                "containment": e.containment, "line_containment": e.line_containment,
+                "length_ratio": e.length_ratio, "rule": "kept" if keep else e.rule,
             })
     return rows

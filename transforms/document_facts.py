@@ -16,8 +16,14 @@ later stage joins a document's bytes back together, whatever its size.
 - the sketch: word n-gram hashes across piece boundaries (the last n-1 words
   carry over), the MinHash signature as the running minimum (exact), and the
   ``SHINGLE_CAP`` smallest distinct n-gram hashes (all of them for documents
-  below the cap; above it, a bottom-k sketch from which ``dedup.jaccard``
-  estimates the similarity).
+  below the cap; above it, a bottom-k sketch from which ``dedup.overlap``
+  estimates the similarity); line hashes likewise, a line's hash built word
+  by word so that a line may span pieces (``LINE_CAP`` smallest kept).
+
+A piece is processed up to the start of its last whitespace run: the run and
+the word after it wait for the next piece, so a word or a line break is never
+split between pieces (a run of whitespace alone is shortened to one space or
+one line break, which changes neither words nor lines).
 """
 
 from __future__ import annotations
@@ -66,6 +72,7 @@ class DocumentDescriber:
         self._carry = ""
         self._normalized = hashlib.sha256()
         self._words_seen = 0
+        self._gram_words = 0  # words n-grams are taken from (after the options' normalization)
         self._head = b""
         self._bytes = 0
         self._options = dedup_options
@@ -73,6 +80,10 @@ class DocumentDescriber:
         self._tail: list[str] = []  # the last n-1 words
         self._shingles = np.zeros(0, np.uint32)
         self._signature = None
+        self._line = hashlib.sha1()
+        self._line_words = 0
+        self._line_hashes: list[int] = []
+        self._lines = np.zeros(0, np.uint32)
         self._done = False
 
     def update(self, data: bytes) -> None:
@@ -88,8 +99,12 @@ class DocumentDescriber:
 
     def _text(self, data: bytes) -> None:
         text = self._carry + self._decoder.decode(data)
-        # Normalize up to the last whitespace; the word it may cut waits for the next piece.
-        cut = len(text) - len(text.rsplit(None, 1)[-1]) if text and not text[-1].isspace() else len(text)
+        # Up to the start of the last whitespace run; the run and the word after it wait for the next piece.
+        word = len(text) - len(text.rsplit(None, 1)[-1]) if text and not text[-1].isspace() else len(text)
+        cut = len(text[:word].rstrip())
+        if cut == 0 and text.isspace():
+            self._carry = "\n" if "\n" in text else " "
+            return
         if cut == 0 and len(text) <= MAX_CARRY:
             self._carry = text
             return
@@ -106,12 +121,15 @@ class DocumentDescriber:
         self._words(self._carry + self._decoder.decode(b"", final=True))
         sketch = None
         if self._options is not None:
-            if self._words_seen and self._words_seen < self._options.ngram:
+            self._end_line()
+            self._merge_lines()
+            if self._gram_words and self._gram_words < self._options.ngram:
                 self._add_grams([" ".join(self._tail)])  # one n-gram of all words, as dedup.shingle_hashes
             signature = self._signature if self._signature is not None else self._hasher.signature(
                 np.zeros(0, np.uint32))
             sketch = DocSketch(self._key, self._shard, self._bytes, self._normalized.hexdigest(),
-                               self._shingles.tobytes(), signature.tobytes(), self._head[:self._options.ncd_bytes])
+                               self._shingles.tobytes(), signature.tobytes(), self._head[:self._options.ncd_bytes],
+                               self._lines.tobytes())
         return DocumentFacts(self._key, self._shard, self._bytes, self._content.hexdigest(),
                              self._normalized.hexdigest(), snippet(self._head), sketch)
 
@@ -131,17 +149,44 @@ class DocumentDescriber:
         self._pending = data[full:]
 
     def _words(self, text: str) -> None:
-        words = unicodedata.normalize("NFKC", text).casefold().split()
-        if not words:
-            return
-        self._normalized.update((" " if self._words_seen else "").encode() + " ".join(words).encode())
-        self._words_seen += len(words)
+        folded = unicodedata.normalize("NFKC", text).casefold()
+        words = folded.split()
+        if words:
+            self._normalized.update((" " if self._words_seen else "").encode() + " ".join(words).encode())
+            self._words_seen += len(words)
         if self._options is None:
             return
+        normalize = self._options.normalize
+        lines = folded.split("\n")
+        for i, line in enumerate(lines):
+            if i:
+                self._end_line()
+            line_words = dedup.simplify(line, normalize).split() if normalize else line.split()
+            if line_words:
+                self._line.update(((" " if self._line_words else "") + " ".join(line_words)).encode())
+                self._line_words += len(line_words)
+        if not words:
+            return
+        if normalize:
+            words = dedup.simplify(" ".join(words), normalize).split()
+        self._gram_words += len(words)
         n = self._options.ngram
         full = self._tail + words
         self._add_grams([" ".join(full[i:i + n]) for i in range(len(full) - n + 1)])
         self._tail = full[-(n - 1):] if n > 1 else []
+
+    def _end_line(self) -> None:
+        if self._line_words >= self._options.min_line_words:
+            self._line_hashes.append(int.from_bytes(self._line.digest()[:4], "little"))
+            if len(self._line_hashes) >= dedup.LINE_CAP:
+                self._merge_lines()
+        self._line, self._line_words = hashlib.sha1(), 0
+
+    def _merge_lines(self) -> None:
+        if self._line_hashes:
+            new = np.array(self._line_hashes, np.uint32)
+            self._lines = np.union1d(self._lines, new)[:dedup.LINE_CAP].astype(np.uint32)
+            self._line_hashes = []
 
     def _add_grams(self, grams: list[str]) -> None:
         if not grams:

@@ -27,8 +27,8 @@ def _pair_id(a: dedup.DocKey, b: dedup.DocKey) -> str:
 
 
 class PairBuckets(beam.DoFn):
-    def __init__(self, max_bucket: int):
-        self._max_bucket = max_bucket
+    def __init__(self, max_bucket: int, centers: int):
+        self._max_bucket, self._centers = max_bucket, centers
         self._capped = Metrics.counter(NAMESPACE, "dedup_capped_buckets")
 
     def process(self, element) -> Iterator[tuple[dedup.DocKey, dedup.DocKey]]:
@@ -41,7 +41,7 @@ class PairBuckets(beam.DoFn):
                 size += 1
                 yield m
 
-        pairs = list(dedup.star_pairs(counted(), self._max_bucket))  # at most max_bucket - 1
+        pairs = list(dedup.star_pairs(counted(), self._max_bucket, self._centers))  # < centers * max_bucket
         if size > self._max_bucket:
             self._capped.inc()
         yield from pairs
@@ -62,7 +62,7 @@ def _attach_second(element) -> Iterator[tuple[DocSketch, DocSketch]]:
 
 
 class JoinedPair(beam.DoFn):
-    """A candidate pair with its Jaccard similarity, and the chunks whose bits give its NCD."""
+    """A candidate pair, and the chunks whose bits give its NCD."""
 
     def __init__(self):
         self._pairs = Metrics.counter(NAMESPACE, "dedup_candidate_pairs")
@@ -71,7 +71,7 @@ class JoinedPair(beam.DoFn):
         a, b = pair
         self._pairs.inc()
         pid = _pair_id(a.key, b.key)
-        yield pid, (a, b, dedup.jaccard(a, b))
+        yield pid, (a, b)
         if a.prefix and b.prefix:
             for role, data in (("x", a.prefix), ("y", b.prefix), ("xy", a.prefix + b.prefix)):
                 yield beam.pvalue.TaggedOutput(NCD_CHUNKS, Chunk(
@@ -93,12 +93,13 @@ class VerifyPair(beam.DoFn):
         _, grouped = element
         bits = dict(grouped["scored"])
         distance = dedup.ncd(bits.get("x"), bits.get("y"), bits.get("xy"))
-        for a, b, jac in grouped["pair"]:
-            if jac >= self._options.jaccard_threshold or (distance is not None
-                                                          and distance <= self._options.ncd_threshold):
+        for a, b in grouped["pair"]:
+            verdict = dedup.verify(a, b, self._options, distance)
+            if verdict.rule is not None:
                 self._verified.inc()
-                yield Edge(a.key, b.key, jac, distance,
-                           (a.shard, a.normalized_hash), (b.shard, b.normalized_hash))
+                yield Edge(a.key, b.key, verdict.jaccard, distance, (a.shard, a.normalized_hash),
+                           (b.shard, b.normalized_hash), verdict.containment, verdict.line_containment,
+                           verdict.length_ratio, verdict.rule)
 
 
 class FindDuplicates(beam.PTransform):
@@ -122,7 +123,7 @@ class FindDuplicates(beam.PTransform):
         pairs = (texts
                  | "BandKeys" >> beam.FlatMap(dedup.representative_band_keys, o)
                  | "GroupByBand" >> beam.GroupByKey()
-                 | "BucketPairs" >> beam.ParDo(PairBuckets(o.max_bucket))
+                 | "BucketPairs" >> beam.ParDo(PairBuckets(o.max_bucket, o.bucket_centers))
                  | "UniquePairs" >> beam.Distinct())
         keyed = sketches | "KeyByDoc" >> beam.Map(lambda s: (s.key, s))
         firsts = ({"sketch": keyed, "pairs": pairs}

@@ -117,6 +117,10 @@ DUPLICATES = pa.schema([
     pa.field("matched_doc_id", pa.string(), nullable=False),
     pa.field("jaccard", pa.float64(), nullable=False),
     pa.field("ncd", pa.float64()),
+    pa.field("containment", pa.float64()),
+    pa.field("line_containment", pa.float64()),
+    pa.field("length_ratio", pa.float64()),
+    pa.field("rule", pa.string(), nullable=False),
 ])
 
 # Internal state for incremental runs (``_state/sketches``): a document's dedup sketch.
@@ -129,6 +133,7 @@ SKETCHES = pa.schema([
     pa.field("shingles", pa.binary(), nullable=False),
     pa.field("signature", pa.binary(), nullable=False),
     pa.field("prefix", pa.binary(), nullable=False),
+    pa.field("lines", pa.binary(), nullable=False),
 ])
 
 MANIFESTS = {
