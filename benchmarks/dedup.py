@@ -39,6 +39,13 @@ Methods:
 
 Cost: candidate pairs per 1,000 documents (the ``dedup_candidate_pairs``
 counter) and the transform's wall time, against ``lmc_audit_14x8``.
+
+``--ncd MODEL`` (for example ``bundled``) measures the model's normalized
+compression distance instead, on one smaller corpus (``--ncd-copies`` per
+kind): NCD of every copy with its base and of random distinct pairs, on the
+first 1,024 bytes of each as the job computes it; then ``FindDuplicates``
+with the model scoring NCD (``ScoreChunks``, as in the job), whose recall per
+kind shows what NCD adds to the n-gram and line rules.
 """
 
 from __future__ import annotations
@@ -248,6 +255,54 @@ METHODS = {
 }
 
 
+def ncd_study(model: str, copies: int, seed: int, workdir: Path) -> dict:
+    from lmc_audit.pipelines.default_model.card import chunk_bits
+    from lmc_audit.transforms.model_loading import resolve_model_dir
+    from lmc_audit.transforms.scoring import ScoreChunks
+
+    docs, origin = build_corpus(60, copies, seed, licensed=30)
+    n = DedupOptions().ncd_bytes
+    text = {d["id"]: d["text"].encode()[:n] for d in docs}
+    rng = random.Random(seed)
+    pairs = [(origin[d["id"]], d["id"], d["kind"]) for d in docs if d["kind"] in KINDS]
+    singles = sorted(origin[d["id"]] for d in docs if origin[d["id"]] == d["id"])
+    for _ in range(200):
+        a, b = rng.sample(singles, 2)
+        pairs.append((a, b, "distinct"))
+    ids = sorted({x for a, b, _ in pairs for x in (a, b)})
+    model_dir = resolve_model_dir(model)
+    pieces = [text[i] for i in ids] + [text[a] + text[b] for a, b, _ in pairs]
+    start = time.perf_counter()
+    bits = chunk_bits(model_dir, pieces)
+    single = dict(zip(ids, bits[:len(ids)]))
+    by_kind: dict[str, list[float]] = {}
+    for (a, b, kind), cxy in zip(pairs, bits[len(ids):]):
+        by_kind.setdefault(kind, []).append(dedup.ncd(single[a], single[b], cxy))
+    distances = {}
+    for kind, values in by_kind.items():
+        v = sorted(values)
+        distances[kind] = {"pairs": len(v), "median": round(v[len(v) // 2], 3),
+                           "share_at_most_0.3": round(sum(x <= 0.3 for x in v) / len(v), 4),
+                           "share_at_least_0.8": round(sum(x >= 0.8 for x in v) / len(v), 4)}
+    ncd_seconds = time.perf_counter() - start
+    recall = {}
+    for name, scorer in (("rules_only", None), ("with_ncd", ScoreChunks(model, "cpu", "float32"))):
+        sketches = sketches_of(docs, DedupOptions())
+        rows_path = workdir / f"{name}.json"
+        pipeline = beam.Pipeline(runner="DirectRunner")
+        _ = (pipeline | beam.Create(sketches) | FindDuplicates(DedupOptions(), scorer)
+             | beam.Map(lambda rows, path=str(rows_path): Path(path).write_text(json.dumps(rows))))
+        pipeline.run().wait_until_finish()
+        clusters: dict[int, list[str]] = {}
+        for r in json.loads(rows_path.read_text()):
+            clusters.setdefault(r["cluster_id"], []).append(r["doc_id"])
+        e = evaluate(list(clusters.values()), docs, origin)
+        recall[name] = {"recall": {k: round(e["found"][k] / e["total"][k], 4) for k in KINDS},
+                        "false_merge_pairs": e["false_merge_pairs"]}
+    return {"model": model, "seed": seed, "copies_per_kind": copies, "ncd_bytes": n, "ncd": distances,
+            "ncd_seconds": round(ncd_seconds, 1), "find_duplicates": recall}
+
+
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--bases", type=int, default=150)
@@ -256,7 +311,16 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
     p.add_argument("--json", default=None)
+    p.add_argument("--ncd", metavar="MODEL", default=None, help="measure the model's NCD instead (see above)")
+    p.add_argument("--ncd-copies", type=int, default=40)
     args = p.parse_args(argv)
+    if args.ncd:
+        with tempfile.TemporaryDirectory() as tmp:
+            result = ncd_study(args.ncd, args.ncd_copies, args.seeds[0], Path(tmp))
+        print(json.dumps(result, indent=2))
+        if args.json:
+            Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
+        return result
     pooled = {m: {"found": {k: 0 for k in KINDS}, "total": {k: 0 for k in KINDS}, "false_merge_pairs": 0,
                   "licensed_merged": 0, "distinct_pairs": 0, "candidates": 0, "documents": 0, "wall": 0.0}
               for m in args.methods}

@@ -256,3 +256,4 @@ def test_dedup_options_are_checked_when_the_job_is_built(tmp_path):
         run(["--sample", "--output", str(tmp_path / "o"), "--dedup-jaccard", "1.5"])
     with pytest.raises(ValueError, match="at least 1"):
         DedupOptions(bands=0)
+

@@ -61,9 +61,25 @@ def load_stream(files) -> tuple[np.ndarray, np.ndarray]:
     return np.concatenate(parts), np.asarray(starts, dtype=np.int64)
 
 
+def perturbed(span: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """A copy of ``span``: exact half the time, else with 1-10% of its bytes replaced by bytes drawn from
+    the span itself, so that the model learns to copy through small edits."""
+    out = span.copy()
+    if rng.random() < 0.5:
+        return out
+    n = max(1, int(len(span) * rng.uniform(0.01, 0.1)))
+    out[rng.integers(0, len(span), n)] = span[rng.integers(0, len(span), n)]
+    return out
+
+
 def sample_batch(stream: np.ndarray, starts: np.ndarray, batch: int, seq: int,
-                 rng: np.random.Generator) -> torch.Tensor:
-    """[batch, seq] ids: BOS then seq-1 bytes, a tenth of rows from a file start."""
+                 rng: np.random.Generator, copy_fraction: float = 0.0, random_share: float = 0.0) -> torch.Tensor:
+    """[batch, seq] ids: BOS then seq-1 bytes, a tenth of rows from a file start.
+
+    A ``copy_fraction`` of rows hold a span of text, then a (perturbed) copy of it, then text that
+    follows: the model's NCD is only meaningful if the model predicts a repeat from its context. A
+    ``random_share`` of those spans are random bytes, which only copying can predict: the gradient that
+    makes a small model learn to copy (induction heads) at all."""
     rows = np.empty((batch, seq), dtype=np.int64)
     rows[:, 0] = BOS_ID
     for i in range(batch):
@@ -72,7 +88,16 @@ def sample_batch(stream: np.ndarray, starts: np.ndarray, batch: int, seq: int,
         else:
             begin = int(rng.integers(0, len(stream) - seq))
         begin = min(begin, len(stream) - seq)
-        rows[i, 1:] = stream[begin:begin + seq - 1]
+        window = stream[begin:begin + seq - 1]
+        if rng.random() < copy_fraction:
+            length = int(rng.integers(32, (seq - 1) // 2 + 1))
+            if rng.random() < random_share:
+                length = int(rng.integers(16, 257))
+                span = rng.integers(0, 256, length).astype(np.uint8)
+            else:
+                span = window[:length]
+            window = np.concatenate([span, perturbed(span, rng), window[length:]])[:seq - 1]
+        rows[i, 1:] = window
     return torch.from_numpy(rows)
 
 
@@ -91,6 +116,20 @@ def held_out_bpb(model, stream: np.ndarray, seq: int, max_rows: int = 16) -> flo
     return nll / math.log(2)
 
 
+@torch.no_grad()
+def copy_ratio(model, stream: np.ndarray, length: int = 500, texts: int = 8) -> float:
+    """bits(x + x) / bits(x) on ``texts`` held-out spans: 2.0 until the model copies."""
+    model.eval()
+    spans = [stream[i * length:(i + 1) * length].astype(np.int64) for i in range(texts)]
+    totals = []
+    for twice in (False, True):
+        rows = torch.tensor(np.stack([[BOS_ID, *(np.concatenate([s, s]) if twice else s)] for s in spans]))
+        logp = torch.log_softmax(model(input_ids=rows).logits[:, :-1].float(), dim=-1)
+        totals.append(-logp.gather(-1, rows[:, 1:, None]).sum().item())
+    model.train()
+    return totals[1] / totals[0]
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--docs-root", type=Path, default=DOCS_ROOT)
@@ -105,6 +144,13 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--long-fraction", type=float, default=0.3,
                    help="last fraction of the time trained at 2048+1 positions (the rest at 1024)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--copy-fraction", type=float, default=0.0,
+                   help="share of training windows holding a span and a perturbed copy of it (the shipped model: 0)")
+    p.add_argument("--random-share", type=float, default=0.0,
+                   help="share of copy windows whose span is random bytes (only copying predicts them)")
+    p.add_argument("--init-from", type=Path, default=None,
+                   help="continue from this model's weights (its training.json is kept as the base)")
+    p.add_argument("--warmup-steps", type=int, default=100)
     p.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     args = p.parse_args(argv)
 
@@ -116,7 +162,12 @@ def main(argv: list[str] | None = None) -> None:
     held_stream, _ = load_stream([f for f in files if f.held_out])
     print(f"train bytes {len(train_stream):,}  held-out bytes {len(held_stream):,}", flush=True)
 
-    model = build_model(args.hidden, args.layers, args.heads, args.ffn, max_positions=4096)
+    if args.init_from is not None:
+        from transformers import LlamaForCausalLM
+
+        model = LlamaForCausalLM.from_pretrained(args.init_from, torch_dtype=torch.float32)
+    else:
+        model = build_model(args.hidden, args.layers, args.heads, args.ffn, max_positions=4096)
     params = sum(p.numel() for p in model.parameters())
     print(f"parameters {params:,}", flush=True)
     decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
@@ -125,7 +176,7 @@ def main(argv: list[str] | None = None) -> None:
                              {"params": no_decay, "weight_decay": 0.0}],
                             lr=args.lr, betas=(0.9, 0.95))
     budget = args.minutes * 60.0
-    warmup_steps = 100
+    warmup_steps = args.warmup_steps
     t0 = time.time()
     step, tokens = 0, 0
     model.train()
@@ -138,7 +189,7 @@ def main(argv: list[str] | None = None) -> None:
         lr = args.lr * min(1.0, (step + 1) / warmup_steps) * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * frac)))
         for group in opt.param_groups:
             group["lr"] = lr
-        x = sample_batch(train_stream, train_starts, batch, seq, rng)
+        x = sample_batch(train_stream, train_starts, batch, seq, rng, args.copy_fraction, args.random_share)
         with torch.autocast("cpu", dtype=torch.bfloat16):
             loss = model(input_ids=x, labels=x).loss
         loss.backward()
@@ -152,6 +203,8 @@ def main(argv: list[str] | None = None) -> None:
             msg = f"step {step} seq {seq} lr {lr:.2e} train bpb {loss.item() / math.log(2):.3f} tokens {tokens:,} {tokens / elapsed:.0f} tok/s"
             if step % 250 == 0:
                 msg += f" held-out bpb {held_out_bpb(model, held_stream, 1025):.3f}"
+            if step % 100 == 0:
+                msg += f" copy ratio {copy_ratio(model, held_stream):.3f}"
             print(msg, flush=True)
     elapsed = time.time() - t0
 
@@ -169,7 +222,12 @@ def main(argv: list[str] | None = None) -> None:
         "schedule": f"{args.tokens_per_step} tokens/step; 1024-byte windows, last {args.long_fraction:.0%} of time 2048-byte windows",
         "seed": args.seed,
         "train_bytes": int(len(train_stream)),
+        "copy_fraction": args.copy_fraction,
+        "random_share": args.random_share,
     }
+    if args.init_from is not None:
+        base = args.init_from / "training.json"
+        record["continued_from"] = json.loads(base.read_text()) if base.exists() else str(args.init_from)
     (args.out / "training.json").write_text(json.dumps(record, indent=2) + "\n")
     print(json.dumps(record, indent=2))
 
