@@ -100,12 +100,13 @@ def load_groups(manifests: str, suspect: list[str] | None, reference: list[str])
         if not chosen:
             raise SystemExit(f"lmc-audit membership: {name} {' '.join(globs)} matches none of the "
                              f"{len(shards)} shards in {manifests} (for example {shards[0] if shards else 'none'})")
+    tables = [dataset.to_table(columns=columns, filter=pc.field("shard").isin(chosen))
+              .sort_by([("shard", "ascending"), ("doc_id", "ascending")]) for chosen in (in_suspect, in_reference)]
+    # A signal counts when both groups have it (reference_diff_bpb only with a reference model).
+    usable = [c for c in SIGNALS if c in present and all(t.column(c).null_count < len(t) for t in tables)]
     dropped = 0
     out = []
-    for chosen in (in_suspect, in_reference):
-        table = dataset.to_table(columns=columns, filter=pc.field("shard").isin(chosen))
-        table = table.sort_by([("shard", "ascending"), ("doc_id", "ascending")])
-        usable = [c for c in SIGNALS if c in present and table.column(c).null_count < len(table)]
+    for table in tables:
         keep = np.ones(len(table), bool)
         for c in usable:
             keep &= ~np.asarray(table.column(c).is_null())

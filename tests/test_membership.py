@@ -82,6 +82,8 @@ def test_membership_command_prints_one_json_object(tmp_path, capsys):
         for i, doc_id in enumerate(ids):
             rows.append({"doc_id": doc_id, "shard": f"/data/{shard_prefix}_{i % 3}.jsonl",
                          **{c: float(v[i]) for c, v in cols.items()}})
+            if shard_prefix == "suspect":  # a signal only one group has is left out, not a reason to drop
+                rows[-1]["reference_diff_bpb"] = -0.1
     rows.append({**rows[0], "doc_id": "empty", "bpb": None, "min_k": None})  # no signals: dropped, counted
     (tmp_path / "documents").mkdir()
     pq.write_table(pa.Table.from_pylist(rows), tmp_path / "documents" / "part-0.parquet")

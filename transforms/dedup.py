@@ -41,7 +41,7 @@ Chain (README, "Duplicates"):
    lines; a document that is little more than the header is too short beside
    them. The manifest records every measure and the rule that decided.
 5. Verified edges go to one worker for union-find (connected components), as
-   datatrove's cluster stage does; edges are small (two ids and two floats).
+   datatrove's cluster stage does; edges are small (two ids and a few floats).
 
 MinHash is written here rather than taken from datasketch: the signature must
 be a pure function of the text for byte-identical manifests, vectorized over a
