@@ -151,29 +151,34 @@ class DocumentDescriber:
     def _words(self, text: str) -> None:
         folded = unicodedata.normalize("NFKC", text).casefold()
         words = folded.split()
+        joined = " ".join(words).encode()
         if words:
-            self._normalized.update((" " if self._words_seen else "").encode() + " ".join(words).encode())
+            self._normalized.update((b" " if self._words_seen else b"") + joined)
             self._words_seen += len(words)
         if self._options is None:
             return
         normalize = self._options.normalize
-        lines = folded.split("\n")
-        for i, line in enumerate(lines):
-            if i:
-                self._end_line()
-            line_words = dedup.simplify(line, normalize).split() if normalize else line.split()
-            if line_words:
-                self._line.update(((" " if self._line_words else "") + " ".join(line_words)).encode())
-                self._line_words += len(line_words)
-        if not words:
+        gram_words = dedup.simplify(" ".join(words), normalize).split() if normalize and words else words
+        if "\n" not in folded:  # one line (the common case for long pieces): its words are already split
+            self._add_line_words(gram_words, None if normalize else joined)
+        else:
+            for i, line in enumerate(folded.split("\n")):
+                if i:
+                    self._end_line()
+                self._add_line_words(dedup.simplify(line, normalize).split() if normalize else line.split())
+        if not gram_words:
             return
-        if normalize:
-            words = dedup.simplify(" ".join(words), normalize).split()
-        self._gram_words += len(words)
+        self._gram_words += len(gram_words)
         n = self._options.ngram
-        full = self._tail + words
+        full = self._tail + gram_words
         self._add_grams([" ".join(full[i:i + n]) for i in range(len(full) - n + 1)])
         self._tail = full[-(n - 1):] if n > 1 else []
+
+    def _add_line_words(self, words: list[str], joined: bytes | None = None) -> None:
+        if words:
+            joined = " ".join(words).encode() if joined is None else joined
+            self._line.update((b" " if self._line_words else b"") + joined)
+            self._line_words += len(words)
 
     def _end_line(self) -> None:
         if self._line_words >= self._options.min_line_words:
