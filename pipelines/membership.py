@@ -89,7 +89,10 @@ def load_groups(manifests: str, suspect: list[str] | None, reference: list[str])
     dataset = ds.dataset(path, format="parquet", filesystem=fs)
     present = set(dataset.schema.names)
     columns = ["doc_id", "shard", *[c for c in (*SIGNALS, *BLIND) if c in present]]
-    shards = sorted(set(dataset.to_table(columns=["shard"]).column("shard").to_pylist()))
+    # The shards manifest has one row per shard; the documents' shard column has one per document.
+    listing = f"{root.rstrip('/')}/shards"
+    source = ds.dataset(listing, format="parquet", filesystem=fs) if fs.exists(listing) else dataset
+    shards = sorted(set(source.to_table(columns=["shard"]).column("shard").to_pylist()))
     in_reference = [s for s in shards if shard_matches(s, reference)]
     in_suspect = [s for s in shards if (shard_matches(s, suspect) if suspect is not None else s not in in_reference)]
     both = sorted(set(in_suspect) & set(in_reference))
