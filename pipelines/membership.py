@@ -152,8 +152,9 @@ def max_auc_permutation(matrix: np.ndarray, is_suspect: np.ndarray, permutations
     observed = float(aucs(is_suspect.astype(float)).max())
     rng = np.random.default_rng(seed)
     exceed = 0
-    for start in range(0, permutations, 1000):
-        size = min(1000, permutations - start)
+    step = max(1, min(1000, (1 << 22) // len(is_suspect)))  # relabellings at once: [step, n] stays near 32 MiB
+    for start in range(0, permutations, step):
+        size = min(step, permutations - start)
         labels = np.zeros((size, len(is_suspect)))
         order = rng.random((size, len(is_suspect))).argsort(axis=1)[:, :n1]  # [size, n1] random suspects
         np.put_along_axis(labels, order, 1.0, axis=1)
