@@ -43,7 +43,7 @@ counter) and the transform's wall time, against ``lmc_audit_14x8``.
 ``--ncd MODEL`` (for example ``bundled``) measures the model's normalized
 compression distance instead, on one smaller corpus (``--ncd-copies`` per
 kind): NCD of every copy with its base and of random distinct pairs, on the
-first 1,024 bytes of each as the job computes it; then ``FindDuplicates``
+NCD samples of each as the job computes them; then ``FindDuplicates``
 with the model scoring NCD (``ScoreChunks``, as in the job), whose recall per
 kind shows what NCD adds to the n-gram and line rules.
 """
@@ -262,7 +262,7 @@ def ncd_study(model: str, copies: int, seed: int, workdir: Path) -> dict:
 
     docs, origin = build_corpus(60, copies, seed, licensed=30)
     n = DedupOptions().ncd_bytes
-    text = {d["id"]: d["text"].encode()[:n] for d in docs}
+    text = {k.key[2]: k.ncd_text for k in sketches_of(docs, DedupOptions())}  # what FindDuplicates compares
     rng = random.Random(seed)
     pairs = [(origin[d["id"]], d["id"], d["kind"]) for d in docs if d["kind"] in KINDS]
     singles = sorted(origin[d["id"]] for d in docs if origin[d["id"]] == d["id"])

@@ -25,7 +25,7 @@ from lmc_audit.pipelines.run_record import WriteRunRecord, read_record, verifica
 from lmc_audit.transforms.chunking import DEFAULT_CHUNK_BYTES, ChunkDocuments
 from lmc_audit.transforms.listing import FORMATS, is_inside, list_shards, normalize_location
 from lmc_audit.transforms.decoding import VerifyPayloads, verification_buckets
-from lmc_audit.transforms.dedup import NORMALIZERS, DedupOptions
+from lmc_audit.transforms.dedup import NORMALIZERS, SKETCH_FORMAT, DedupOptions
 from lmc_audit.transforms.find_duplicates import FindDuplicates
 from lmc_audit.transforms.manifests import LoadCommittedSketches, WriteDuplicates, WriteManifests
 from lmc_audit.transforms.model_handler import CodingOptions
@@ -143,9 +143,10 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--dedup-jaccard", type=float, default=dd.jaccard_threshold,
                    help=f"a candidate pair with n-gram Jaccard at least this is a duplicate (default {dd.jaccard_threshold})")
     d.add_argument("--dedup-ncd", type=float, default=dd.ncd_threshold,
-                   help=f"... or with the model's NCD of the documents' first --ncd-bytes at most this (default {dd.ncd_threshold})")
+                   help=f"... or with the model's NCD of the documents' samples (--ncd-bytes) at most this (default {dd.ncd_threshold})")
     d.add_argument("--ncd-bytes", type=int, default=dd.ncd_bytes,
-                   help=f"NCD compares the documents' first this many bytes (default {dd.ncd_bytes})")
+                   help=f"bytes of each document NCD compares: lines sampled from the whole text by their hashes, "
+                        f"or the first bytes of a text with few lines (default {dd.ncd_bytes})")
     d.add_argument("--dedup-max-bucket", type=int, default=dd.max_bucket,
                    help=f"documents paired per LSH bucket (default {dd.max_bucket})")
     d.add_argument("--dedup-containment", type=float, default=dd.containment_threshold,
@@ -367,6 +368,7 @@ def options_fingerprint(args: argparse.Namespace, model_fingerprint: str) -> str
     chosen = {k: getattr(args, k) for k in RESULT_OPTIONS}
     versions = package_versions()
     chosen["versions"] = {k: versions.get(k) for k in ("lmc-audit", "torch", "transformers")}
+    chosen["sketch_format"] = SKETCH_FORMAT
     # Resolved where the job is built: on a CPU launcher for GPU workers, pass --device cuda (README).
     device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
     chosen["resolved_device"] = device

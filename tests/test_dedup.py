@@ -122,6 +122,22 @@ def test_verification_rules_find_partial_and_shuffled_copies_but_not_shared_boil
     assert dedup.verify(header_only, licensed[0], DedupOptions(min_length_ratio=0.0)).rule == "containment"
 
 
+def test_ncd_compares_lines_drawn_from_the_whole_text_so_a_shuffled_copy_gives_the_same_sample():
+    """NCD's sample is content-defined: a copy with its paragraphs shuffled samples the same lines in the
+    same order, though its first kilobyte is another paragraph; a distinct document samples others."""
+    opts = DedupOptions()
+    texts = _texts()
+    base, shuffled = _sketch("base", texts[0]), _sketch("shuffled", _shuffled(texts[0], seed=3))
+    assert texts[0][:opts.ncd_bytes] != _shuffled(texts[0], seed=3)[:opts.ncd_bytes]
+    assert base.ncd_text == shuffled.ncd_text and len(base.ncd_text) > opts.ncd_bytes // 2
+    assert not set(base.ncd_text.split(b"\n")) & set(_sketch("other", texts[1]).ncd_text.split(b"\n"))
+    # A 60% prefix keeps the sampled lines that fall in its part, in the same order.
+    cut = _sketch("prefix", texts[0][:int(len(texts[0]) * 0.6)]).ncd_text.split(b"\n")
+    whole = base.ncd_text.split(b"\n")
+    shared = [line for line in cut if line in whole]
+    assert len(shared) >= len(cut) // 2 and shared == [line for line in whole if line in shared]
+
+
 def test_datatrove_normalization_ignores_punctuation_and_numbers():
     plain, simple = DedupOptions(), DedupOptions(normalize=("numbers", "punctuation"))
     a = "Version 3.11, released 2022-10-24: faster (much faster!) than 3.10; see the notes. " * 8
@@ -234,11 +250,12 @@ def test_pipeline_finds_planted_duplicates_and_keeps_unrelated_apart(planted):
     assert rows["prefix3"]["rule"] in ("jaccard", "containment") and rows["prefix3"]["containment"] > 0.95
     assert rows["prefix3"]["length_ratio"] == pytest.approx(0.6, abs=0.02)
     assert rows["shuffled4"]["line_containment"] == 1.0 and rows["orig4"]["rule"] == "kept"
-    # NCD is the definition applied to the model's bits of the first 1024 bytes, each scored from BOS.
-    texts = {d["id"]: d["text"].encode() for d in planted_docs()}
+    # NCD is the definition applied to the model's bits of the documents' NCD samples, each scored from BOS.
+    opts, docs = DedupOptions(), {d["id"]: d["text"] for d in planted_docs()}
     assert rows["ws0"]["ncd"] is None and rows["reflow2"]["ncd"] is None  # exact: no NCD forwards
     for orig, copy in (("orig1", "edit1"),):
-        x, y = texts[orig][:1024], texts[copy][:1024]
+        x, y = _sketch(orig, docs[orig], opts).ncd_text, _sketch(copy, docs[copy], opts).ncd_text
+        assert x != docs[orig].encode()[:opts.ncd_bytes]  # lines drawn from the whole text, not its start
         cx, cy, cxy = _bundled_bits(x), _bundled_bits(y), _bundled_bits(x + y)
         assert rows[copy]["ncd"] == pytest.approx((cxy - min(cx, cy)) / max(cx, cy), rel=1e-4)
     shards = {Path(s["shard"]).name: s for s in ds.dataset(out / "shards", format="parquet").to_table().to_pylist()}

@@ -15,7 +15,7 @@ import pyarrow.parquet as pq
 import pytest
 import zstandard
 from apache_beam.testing.test_pipeline import TestPipeline
-from apache_beam.testing.util import assert_that, equal_to
+from apache_beam.testing.util import assert_that
 
 from lmc_audit.transforms.listing import detect, list_shards
 from lmc_audit.transforms.read_corpus import DEAD_LETTER, ReadCorpus

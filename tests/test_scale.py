@@ -43,7 +43,15 @@ def test_facts_from_pieces_equal_facts_of_the_whole_text(text, normalize):
         assert facts.sketch.shingles == whole.shingles and facts.sketch.signature == whole.signature
         assert facts.sketch.lines == whole.lines
         assert facts.content_hash == content and facts.bytes == len(data)
-        assert facts.sketch.prefix == data[:opts.ncd_bytes]
+        assert facts.sketch.ncd_text == whole.ncd_text
+    lines = [" ".join(dedup.simplify(line, normalize).split()) for line in whole.ncd_text.decode().split("\n")]
+    if len(whole.lines) // 4 > 100:  # sampled lines, each a line of the text, smallest hashes first
+        assert len(whole.ncd_text) > opts.ncd_bytes // 2 and whole.ncd_text != data[:opts.ncd_bytes]
+        assert all(line in " ".join(dedup.simplify(text.casefold(), normalize).split()) for line in lines)
+        hashes = [dedup.line_hash(line.split()) for line in lines[:-1]]  # the last one may be cut
+        assert hashes == sorted(hashes)
+    else:  # too few lines of min_line_words: the first ncd_bytes
+        assert whole.ncd_text == data[:opts.ncd_bytes]
 
 
 def test_a_large_document_is_described_in_memory_bounded_by_its_pieces():

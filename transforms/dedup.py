@@ -4,7 +4,7 @@ Chain (README, "Duplicates"):
 
 1. ``DocSketch`` per document, made while it is read (``document_facts``): a
    normalized-content hash, the sorted set of word n-gram hashes, a MinHash
-   signature, the sorted set of its line hashes, and its first ``ncd_bytes``.
+   signature, the sorted set of its line hashes, and its NCD sample (``LineSample``).
 2. Exact: GroupByKey on the normalized hash; every member is joined to the
    group's first member, however large the group (never capped: the most
    repeated text is the one that matters most), with no Jaccard or NCD.
@@ -28,7 +28,7 @@ Chain (README, "Duplicates"):
      at least ``line_containment`` of the smaller line set, and n-gram
      containment at least ``line_ngram_floor`` (a copy with shuffled paragraphs);
    - ``ncd``: the model's normalized compression distance on the documents'
-     first ``ncd_bytes`` bytes at most ``ncd_threshold``,
+     NCD samples at most ``ncd_threshold``,
      ``NCD = (C(xy) - min(C(x), C(y))) / max(C(x), C(y))`` with C the bits
      under the model: x, y and xy are each scored as one chunk through
      ``ScoreChunks``.
@@ -141,7 +141,7 @@ class DocSketch:
     normalized_hash: str
     shingles: bytes  # sorted unique uint32 n-gram hashes
     signature: bytes  # num_perm uint32
-    prefix: bytes  # the first ncd_bytes bytes
+    ncd_text: bytes  # at most ncd_bytes drawn from the whole text (LineSample), what NCD compares
     lines: bytes = b""  # sorted unique uint32 hashes of lines of at least min_line_words words
 
 
@@ -194,6 +194,56 @@ def line_hash(words: list[str]) -> int:
     return struct.unpack("<I", hashlib.sha1(" ".join(words).encode()).digest()[:4])[0]
 
 
+SKETCH_FORMAT = 2  # raised when a sketch's contents change meaning: incremental state made before re-audits
+SAMPLE_LINE_BYTES = 256  # bytes of one line an NCD sample keeps
+
+
+class LineSample:
+    """The text NCD compares: lines drawn from the whole document by content, at most ``ncd_bytes``.
+
+    A model compares only what fits its context (about 1 KB per side for a 2,048-byte chunk), so NCD
+    cannot take two whole documents. The document's first bytes are the wrong kilobyte for a copy whose
+    paragraphs are shuffled or whose start was cut. Instead, of the lines that line hashes count
+    (``min_line_words`` words or more, simplified as for hashing), the ``ncd_bytes // 32`` with the
+    smallest hashes are kept, each cut to ``SAMPLE_LINE_BYTES``, and joined in hash order: two copies
+    keep the same lines in the same order wherever the lines sit, as bottom-k MinHash keeps the same
+    n-grams. A document whose sampled lines fill less than half of ``ncd_bytes`` (prose without line
+    breaks) is compared by its first ``ncd_bytes`` bytes instead. Fed line by line in document order;
+    a repeated line counts once (its first occurrence). Memory: at most ``ncd_bytes // 32`` lines."""
+
+    def __init__(self, ncd_bytes: int):
+        self._ncd_bytes = ncd_bytes
+        self._keep = max(1, ncd_bytes // 32)
+        self._heap: list[tuple[int, bytes]] = []  # (-hash, text): the largest kept hash on top
+        self._hashes: set[int] = set()
+
+    def offer(self, line_hash: int, text: bytes) -> None:
+        if line_hash in self._hashes:
+            return
+        if len(self._heap) < self._keep:
+            heapq.heappush(self._heap, (-line_hash, text[:SAMPLE_LINE_BYTES]))
+            self._hashes.add(line_hash)
+        elif line_hash < -self._heap[0][0]:
+            dropped, _ = heapq.heapreplace(self._heap, (-line_hash, text[:SAMPLE_LINE_BYTES]))
+            self._hashes.discard(-dropped)
+            self._hashes.add(line_hash)
+
+    def text(self, head: bytes) -> bytes:
+        """The sample; ``head`` is the document's first ``ncd_bytes`` bytes or more."""
+        lines = b"\n".join(text for _, text in sorted(self._heap, key=lambda item: -item[0]))[:self._ncd_bytes]
+        return lines if len(lines) >= self._ncd_bytes // 2 else head[:self._ncd_bytes]
+
+
+def ncd_text(data: bytes, text: str, options: DedupOptions) -> bytes:
+    """``LineSample`` of a whole document (``text`` NFKC-normalized and case-folded, line breaks kept):
+    the reference that ``DocumentDescriber``'s streaming equals."""
+    sample = LineSample(options.ncd_bytes)
+    for words in (simplify(line, options.normalize).split() for line in text.split("\n")):
+        if len(words) >= options.min_line_words:
+            sample.offer(line_hash(words), " ".join(words).encode()[:SAMPLE_LINE_BYTES])
+    return sample.text(data)
+
+
 def line_hashes(text: str, options: DedupOptions) -> np.ndarray:
     """Sorted unique hashes of the simplified lines of at least ``min_line_words`` words, the
     ``LINE_CAP`` smallest (``text`` NFKC-normalized and case-folded, line breaks kept)."""
@@ -241,7 +291,7 @@ def make_sketch(key: DocKey, shard: str, data: bytes, options: DedupOptions, has
     text = " ".join(folded.split())
     shingles = shingle_hashes(simplify(text, options.normalize), options.ngram)
     return DocSketch(key, shard, len(data), hashlib.sha256(text.encode()).hexdigest(), shingles.tobytes(),
-                     hasher.signature(shingles).tobytes(), data[:options.ncd_bytes],
+                     hasher.signature(shingles).tobytes(), ncd_text(data, folded, options),
                      line_hashes(folded, options).tobytes())
 
 

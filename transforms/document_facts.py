@@ -82,8 +82,10 @@ class DocumentDescriber:
         self._signature = None
         self._line = hashlib.sha1()
         self._line_words = 0
+        self._line_text = b""  # the current line's first SAMPLE_LINE_BYTES, for the NCD sample
         self._line_hashes: list[int] = []
         self._lines = np.zeros(0, np.uint32)
+        self._sample = dedup.LineSample(dedup_options.ncd_bytes) if dedup_options else None
         self._done = False
 
     def update(self, data: bytes) -> None:
@@ -128,7 +130,7 @@ class DocumentDescriber:
             signature = self._signature if self._signature is not None else self._hasher.signature(
                 np.zeros(0, np.uint32))
             sketch = DocSketch(self._key, self._shard, self._bytes, self._normalized.hexdigest(),
-                               self._shingles.tobytes(), signature.tobytes(), self._head[:self._options.ncd_bytes],
+                               self._shingles.tobytes(), signature.tobytes(), self._sample.text(self._head),
                                self._lines.tobytes())
         return DocumentFacts(self._key, self._shard, self._bytes, self._content.hexdigest(),
                              self._normalized.hexdigest(), snippet(self._head), sketch)
@@ -177,15 +179,21 @@ class DocumentDescriber:
     def _add_line_words(self, words: list[str], joined: bytes | None = None) -> None:
         if words:
             joined = " ".join(words).encode() if joined is None else joined
-            self._line.update((b" " if self._line_words else b"") + joined)
+            sep = b" " if self._line_words else b""
+            self._line.update(sep + joined)
+            cap = dedup.SAMPLE_LINE_BYTES
+            if len(self._line_text) < cap:
+                self._line_text = (self._line_text + sep + joined[:cap])[:cap]
             self._line_words += len(words)
 
     def _end_line(self) -> None:
         if self._line_words >= self._options.min_line_words:
-            self._line_hashes.append(int.from_bytes(self._line.digest()[:4], "little"))
+            line_hash = int.from_bytes(self._line.digest()[:4], "little")
+            self._line_hashes.append(line_hash)
+            self._sample.offer(line_hash, self._line_text)
             if len(self._line_hashes) >= dedup.LINE_CAP:
                 self._merge_lines()
-        self._line, self._line_words = hashlib.sha1(), 0
+        self._line, self._line_words, self._line_text = hashlib.sha1(), 0, b""
 
     def _merge_lines(self) -> None:
         if self._line_hashes:

@@ -72,8 +72,8 @@ class JoinedPair(beam.DoFn):
         self._pairs.inc()
         pid = _pair_id(a.key, b.key)
         yield pid, (a, b)
-        if a.prefix and b.prefix:
-            for role, data in (("x", a.prefix), ("y", b.prefix), ("xy", a.prefix + b.prefix)):
+        if a.ncd_text and b.ncd_text:
+            for role, data in (("x", a.ncd_text), ("y", b.ncd_text), ("xy", a.ncd_text + b.ncd_text)):
                 yield beam.pvalue.TaggedOutput(NCD_CHUNKS, Chunk(
                     f"{pid}:{role}", NCD_SHARD, -1, 0, 0, 0, data, hashlib.sha256(data).digest(), 0, 0, 0))
 

@@ -260,7 +260,7 @@ def payload_row(s: ScoredChunk) -> dict:
 
 def sketch_row(k: dedup.DocSketch) -> dict:
     return {"doc_id": k.key[2], "position": k.key[1], "shard": k.shard, "bytes": k.bytes,
-            "normalized_hash": k.normalized_hash, "shingles": k.shingles, "signature": k.signature, "prefix": k.prefix,
+            "normalized_hash": k.normalized_hash, "shingles": k.shingles, "signature": k.signature, "ncd_text": k.ncd_text,
             "lines": k.lines}
 
 
@@ -278,7 +278,7 @@ class _ReadSketches(beam.DoFn):
             rows = pq.read_table(f, schema=schemas.SKETCHES).to_pylist()
         for r in rows:
             yield dedup.DocSketch((index, r["position"], r["doc_id"]), r["shard"], r["bytes"], r["normalized_hash"],
-                                  r["shingles"], r["signature"], r["prefix"], r["lines"])
+                                  r["shingles"], r["signature"], r["ncd_text"], r["lines"])
 
 
 class LoadCommittedSketches(beam.PTransform):

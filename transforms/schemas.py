@@ -132,7 +132,7 @@ SKETCHES = pa.schema([
     pa.field("normalized_hash", pa.string(), nullable=False),
     pa.field("shingles", pa.binary(), nullable=False),
     pa.field("signature", pa.binary(), nullable=False),
-    pa.field("prefix", pa.binary(), nullable=False),
+    pa.field("ncd_text", pa.binary(), nullable=False),
     pa.field("lines", pa.binary(), nullable=False),
 ])
 
