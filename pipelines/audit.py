@@ -25,7 +25,7 @@ from lmc_audit.pipelines.run_record import WriteRunRecord, read_record, verifica
 from lmc_audit.transforms.chunking import DEFAULT_CHUNK_BYTES, ChunkDocuments
 from lmc_audit.transforms.listing import FORMATS, is_inside, list_shards, normalize_location
 from lmc_audit.transforms.decoding import VerifyPayloads, verification_buckets
-from lmc_audit.transforms.dedup import NORMALIZERS, SKETCH_FORMAT, DedupOptions
+from lmc_audit.transforms.dedup import NORMALIZERS, DedupOptions
 from lmc_audit.transforms.find_duplicates import FindDuplicates
 from lmc_audit.transforms.manifests import LoadCommittedSketches, WriteDuplicates, WriteManifests
 from lmc_audit.transforms.model_handler import CodingOptions
@@ -352,6 +352,9 @@ def _fields_of(shard, args) -> str:
     return ""
 
 
+# Raised when rows or incremental state change meaning for the same bytes and options (2: NCD samples in
+# sketches; 3: JSONL positions as byte offsets), so that shards committed before are audited again.
+ROWS_FORMAT = 3
 RESULT_OPTIONS = ("format", "text_field", "id_field", "split_bytes", "chunk_bytes", "dtype",
                   "length_granularity", "coding", "precision", "coding_scheme", "coding_rows", "coding_block", "min_k",
                   "reference_model", "flag_bpb_below", "flag_zlib_ratio_below", "flag_min_k_above",
@@ -368,7 +371,7 @@ def options_fingerprint(args: argparse.Namespace, model_fingerprint: str) -> str
     chosen = {k: getattr(args, k) for k in RESULT_OPTIONS}
     versions = package_versions()
     chosen["versions"] = {k: versions.get(k) for k in ("lmc-audit", "torch", "transformers")}
-    chosen["sketch_format"] = SKETCH_FORMAT
+    chosen["rows_format"] = ROWS_FORMAT
     # Resolved where the job is built: on a CPU launcher for GPU workers, pass --device cuda (README).
     device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
     chosen["resolved_device"] = device

@@ -60,7 +60,9 @@ def test_jsonl_every_compression(tmp_path, suffix):
     def check(docs, dead):
         assert dead == []
         assert [(i, data) for i, data, _ in docs] == [(d["id"], d["text"].encode()) for d in DOCS]
-        assert [pos for *_, pos in docs] == list(range(5))
+        # Line numbers in a compressed file, byte offsets of the lines in an uncompressed one.
+        offsets = [sum(len(json.dumps(d).encode()) + 1 for d in DOCS[:i]) for i in range(5)]
+        assert [pos for *_, pos in docs] == (offsets if suffix == "" else list(range(5)))
 
     read([path], check, id_field="id")
 
@@ -115,17 +117,23 @@ def test_jsonl_byte_ranges_match_whole_file(tmp_path):
     split_docs = [d for t in tasks for d in reader.read(t)]
     whole_docs = list(reader.read(JsonlReader().plan(shard, 1 << 30)[0]))
     assert [(d.doc_id, d.data) for d in split_docs] == [(d.doc_id, d.data) for d in whole_docs]
-    assert [d.doc_id for d in split_docs] == [f"{path}#{i}" for i in range(4000)]
+    # Positions are byte offsets of the lines: the same whatever the split, known without a pre-pass.
+    offsets = [0]
+    for r in lines[:-1]:
+        offsets.append(offsets[-1] + len(json.dumps(r).encode()) + 1)
+    assert [d.doc_id for d in split_docs] == [f"{path}#{o}" for o in offsets]
+    assert all(t.first_row == 0 for t in tasks)  # planned from the size alone
+
     def check(docs, dead):  # the same through the pipeline
         assert len(docs) == 4000 and dead == []
-        assert sorted(d[2] for d in docs) == list(range(4000))
+        assert sorted(d[2] for d in docs) == offsets
 
     read([path], check, split_bytes=65536)
 
 
 def test_bad_jsonl_records_become_dead_letters(tmp_path):
     path = tmp_path / "bad.jsonl"
-    path.write_bytes(b"\n".join([
+    lines = [
         b'{"text": "good one"}',
         b'{"text": "broken',                        # malformed JSON
         b'{"body": "no text field"}',               # missing text field
@@ -135,17 +143,20 @@ def test_bad_jsonl_records_become_dead_letters(tmp_path):
         b'{"text": 42}',
         b'',                                        # blank line: no document
         b'{"text": "good two"}',
-    ]) + b"\n")
+    ]
+    path.write_bytes(b"\n".join(lines) + b"\n")
+    at = [sum(len(line) + 1 for line in lines[:i]) for i in range(len(lines))]  # byte offsets: the positions
+
     def check(docs, dead):
-        assert [(d, pos) for _, d, pos in docs] == [(b"good one", 0), (b"good two", 8)]
+        assert [(d, pos) for _, d, pos in docs] == [(b"good one", 0), (b"good two", at[8])]
         reasons = dict(dead)
-        assert sorted(reasons) == [1, 2, 3, 4, 5, 6]
-        assert reasons[1].startswith("malformed JSON")
-        assert "missing text field 'text'" in reasons[2]
-        assert reasons[3] == "empty document"
-        assert "invalid UTF-8" in reasons[4]
-        assert "not an object" in reasons[5]
-        assert "int, not a string" in reasons[6]
+        assert sorted(reasons) == at[1:7]
+        assert reasons[at[1]].startswith("malformed JSON")
+        assert "missing text field 'text'" in reasons[at[2]]
+        assert reasons[at[3]] == "empty document"
+        assert "invalid UTF-8" in reasons[at[4]]
+        assert "not an object" in reasons[at[5]]
+        assert "int, not a string" in reasons[at[6]]
 
     read([path], check)
 

@@ -194,7 +194,6 @@ def line_hash(words: list[str]) -> int:
     return struct.unpack("<I", hashlib.sha1(" ".join(words).encode()).digest()[:4])[0]
 
 
-SKETCH_FORMAT = 2  # raised when a sketch's contents change meaning: incremental state made before re-audits
 SAMPLE_LINE_BYTES = 256  # bytes of one line an NCD sample keeps
 
 

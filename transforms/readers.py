@@ -107,34 +107,27 @@ class TextReader(ShardReader):
 
 
 class JsonlReader(ShardReader):
-    """One JSON object per line. Uncompressed files split into byte ranges."""
+    """One JSON object per line. Uncompressed files split into byte ranges.
+
+    A record's position is the byte offset of its line in an uncompressed file
+    and its line number (from 0) in a compressed one. Line numbers of a split
+    file would need a pass over everything before each range, on one worker,
+    before any range is read; a byte offset is known where the line is read.
+    A compressed stream cannot be split, so its one reader counts lines anyway.
+    The rule depends only on the file's name, never on its size or on
+    ``split_bytes``, so positions and default ids do not change with them."""
 
     def plan(self, shard: ShardSpec, split_bytes: int) -> list[ReadTask]:
         if shard.compression or shard.size <= split_bytes:
             return [ReadTask(shard)]
-        # A line belongs to the range that holds its first byte. The line
-        # number of each range's first line needs one pass counting newlines.
-        bounds = list(range(0, shard.size, split_bytes))
-        first_lines, newlines, pos = [], 0, 0
-        with self._open(shard) as f:
-            for start in bounds:
-                if start > 0:
-                    target = start - 1
-                    while pos < target:
-                        block = f.read(min(8 << 20, target - pos))
-                        if not block:
-                            break
-                        newlines += block.count(b"\n")
-                        pos += len(block)
-                first_lines.append(0 if start == 0 else newlines + 1)
-        return [ReadTask(shard, first_row=line, byte_start=start, byte_end=min(start + split_bytes, shard.size))
-                for start, line in zip(bounds, first_lines)]
+        # A line belongs to the range that holds its first byte.
+        return [ReadTask(shard, byte_start=start, byte_end=min(start + split_bytes, shard.size))
+                for start in range(0, shard.size, split_bytes)]
 
     def read(self, task: ReadTask) -> Iterator[Record]:
         shard = task.shard
-        line_no = task.first_row
-        pos = task.byte_start
-        records = 0
+        by_offset = not shard.compression
+        lines, pos, records = 0, task.byte_start, 0
         try:
             with self._open(shard) as f:
                 if task.byte_start > 0:
@@ -143,20 +136,21 @@ class JsonlReader(ShardReader):
                 for line in f:
                     if task.byte_end is not None and pos >= task.byte_end:
                         break
+                    record = self._parse(shard, pos if by_offset else lines, line)
                     pos += len(line)
-                    record = self._parse(shard, line_no, line)
-                    line_no += 1
+                    lines += 1
                     if record is not None:
                         records += 1
                         yield record
         except Exception as exc:
-            yield DeadLetter(shard.path, shard.index, line_no, None,
-                             f"shard unreadable from line {line_no} on: {type(exc).__name__}: {exc}")
+            where = f"byte {pos}" if by_offset else f"line {lines}"
+            yield DeadLetter(shard.path, shard.index, pos if by_offset else lines, None,
+                             f"shard unreadable from {where} on: {type(exc).__name__}: {exc}")
             return
-        if records == 0 and task.byte_start == 0:
+        if records == 0 and task.byte_start == 0 and (task.byte_end is None or task.byte_end >= shard.size):
             # An empty (or all-blank) file is in the manifests and the report, not silently absent.
             yield DeadLetter(shard.path, shard.index, -1, None,
-                             "empty file: no records" if line_no == 0 else "no records: every line is blank")
+                             "empty file: no records" if lines == 0 else "no records: every line is blank")
 
     def _parse(self, shard: ShardSpec, line_no: int, line: bytes) -> Record | None:
         if not line.strip():
