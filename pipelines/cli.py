@@ -8,6 +8,7 @@
 
 from __future__ import annotations
 
+import logging
 import sys
 
 COMMANDS = {
@@ -18,7 +19,17 @@ COMMANDS = {
 }
 
 
+class _QuietOptionalClients(logging.Filter):
+    """Drops Beam's import-time notice that the BigQuery client (apitools) is missing: RunInference's
+    model manager imports Beam's BigQuery tools, lmc-audit never uses BigQuery, and the user cannot act on it
+    (``pip install 'lmc-audit[dataflow]'`` brings the client for those who run on Dataflow)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("apitools not found")
+
+
 def main(argv: list[str] | None = None) -> int:
+    logging.getLogger().addFilter(_QuietOptionalClients())
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help"):
         print("usage: lmc-audit COMMAND [options]\n\ncommands:")
