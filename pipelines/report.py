@@ -118,6 +118,10 @@ class DocumentSummary:
         return np.arange(n + 1) * group * BIN_WIDTH, rebin(self.model_counts), rebin(self.zlib_counts)
 
 
+def _member_order(m: dict) -> tuple:
+    return m["doc_id"], m["shard"], m["position"]
+
+
 class ClusterSummary:
     """The largest duplicate clusters and the number of dropped documents, from two streamed passes."""
 
@@ -143,9 +147,9 @@ class ClusterSummary:
                     members = self.members[r["cluster_id"]]
                     members.append(r)
                     if len(members) > 2 * CLUSTER_MEMBERS:
-                        members[:] = heapq.nsmallest(CLUSTER_MEMBERS, members, key=lambda m: m["doc_id"])
+                        members[:] = heapq.nsmallest(CLUSTER_MEMBERS, members, key=_member_order)
         for cid, members in self.members.items():
-            members[:] = heapq.nsmallest(CLUSTER_MEMBERS, members, key=lambda m: m["doc_id"])
+            members[:] = heapq.nsmallest(CLUSTER_MEMBERS, members, key=_member_order)
 
 
 def summarize_documents(manifests: str) -> DocumentSummary:
@@ -160,12 +164,14 @@ def snippets_of(manifests: str, doc_ids: set[str]) -> dict[str, str]:
         return {}
     import pyarrow.compute as pc
 
-    out: dict[str, str] = {}
+    first: dict[str, tuple] = {}  # doc_id -> (shard, position, snippet) of its first occurrence
     for rows in manifest_batches(manifests, "documents", ["shard", "position", "doc_id", "snippet"],
                                  pc.field("doc_id").isin(sorted(doc_ids))):
-        for r in sorted(rows, key=lambda r: (r["shard"], r["position"])):
-            out.setdefault(r["doc_id"], r["snippet"])
-    return out
+        for r in rows:
+            candidate = (r["shard"], r["position"], r["snippet"])
+            if r["doc_id"] not in first or candidate < first[r["doc_id"]]:
+                first[r["doc_id"]] = candidate
+    return {doc_id: snippet for doc_id, (_, _, snippet) in first.items()}
 
 
 def _svg(fig) -> str:
