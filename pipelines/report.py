@@ -34,7 +34,7 @@ TOP_DOCUMENTS = 20
 TOP_CLUSTERS = 10
 CLUSTER_MEMBERS = 20  # dropped members listed per cluster; the rest are counted
 SCATTER_POINTS = 5_000
-BATCH_ROWS = 65_536
+BATCH_ROWS = 8_192  # rows turned into Python dicts at once: the report's memory is about this many rows
 BIN_WIDTH = 0.01  # the fine histogram grid (bits per byte) that plots re-bin to about 50 bars
 MAX_BPB = 64.0
 DOC_COLUMNS = ["doc_id", "shard", "position", "bpb", "zlib_bpb", "zlib_ratio", "min_k", "min_k_pp",
@@ -63,8 +63,10 @@ def manifest_batches(root: str, name: str, columns: list[str] | None = None, fil
         return
     dataset = ds.dataset(folder, filesystem=fs, format="parquet")
     names = set(dataset.schema.names)
+    # One file and a few batches read ahead: memory stays near a row group, whatever the number of files.
     for batch in dataset.to_batches(columns=[c for c in columns if c in names] if columns else None,
-                                    filter=filter, batch_size=BATCH_ROWS):
+                                    filter=filter, batch_size=BATCH_ROWS, batch_readahead=2,
+                                    fragment_readahead=1):
         yield batch.to_pylist()
 
 
