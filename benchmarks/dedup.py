@@ -174,6 +174,7 @@ def ours(docs: list[dict], options: DedupOptions, workdir: Path) -> tuple[list[l
     _ = (pipeline
          | beam.Create(sketches)
          | FindDuplicates(options)
+         | beam.Map(lambda t: t[2]) | beam.combiners.ToList()
          | beam.Map(lambda rows, path=str(rows_path): Path(path).write_text(json.dumps(rows))))
     result = pipeline.run()
     result.wait_until_finish()
@@ -291,6 +292,7 @@ def ncd_study(model: str, copies: int, seed: int, workdir: Path) -> dict:
         rows_path = workdir / f"{name}.json"
         pipeline = beam.Pipeline(runner="DirectRunner")
         _ = (pipeline | beam.Create(sketches) | FindDuplicates(DedupOptions(), scorer)
+             | beam.Map(lambda t: t[2]) | beam.combiners.ToList()
              | beam.Map(lambda rows, path=str(rows_path): Path(path).write_text(json.dumps(rows))))
         pipeline.run().wait_until_finish()
         clusters: dict[int, list[str]] = {}

@@ -27,7 +27,7 @@ from lmc_audit.transforms.listing import FORMATS, is_inside, list_shards, normal
 from lmc_audit.transforms.decoding import VerifyPayloads, verification_buckets
 from lmc_audit.transforms.dedup import NORMALIZERS, DedupOptions
 from lmc_audit.transforms.find_duplicates import FindDuplicates
-from lmc_audit.transforms.manifests import LoadCommittedSketches, WriteDuplicates, WriteManifests
+from lmc_audit.transforms.manifests import LoadCommittedSketches, WriteDuplicates, WriteManifests, shard_parts
 from lmc_audit.transforms.model_handler import CodingOptions
 from lmc_audit.transforms.model_loading import (BUNDLED, model_fingerprint, resolve_model_dir,
                                                 validate_model_spec)
@@ -62,6 +62,10 @@ def build_parser() -> argparse.ArgumentParser:
     src.add_argument("--split-bytes", type=int, default=64 << 20,
                      help="uncompressed JSONL shards larger than this are read in byte ranges in parallel (default 64 MiB)")
     p.add_argument("--output", required=True, help="directory or fsspec URL for the manifests")
+    p.add_argument("--part-bytes", type=int, default=64 << 20,
+                   help="a shard's manifests are written as one part file per this many bytes of its text "
+                        "(compressed files and Parquet counted at 4x their size), in parallel; a writer holds "
+                        "one part's rows (default 64 MiB)")
     p.add_argument("--overwrite", action="store_true", help="replace manifests already in --output")
     p.add_argument("--incremental", action="store_true",
                    help="keep the shards in --output already audited with the same model and options (and "
@@ -147,6 +151,10 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--ncd-bytes", type=int, default=dd.ncd_bytes,
                    help=f"bytes of each document NCD compares: lines sampled from the whole text by their hashes, "
                         f"or the first bytes of a text with few lines (default {dd.ncd_bytes})")
+    d.add_argument("--dedup-rounds", type=int, default=3,
+                   help="clusters are connected components found in this many rounds of shuffles (large-star / "
+                        "small-star); what has not settled after them is joined on one worker, so the result is "
+                        "the same for any number, and more rounds gather less (default 3)")
     d.add_argument("--dedup-max-bucket", type=int, default=dd.max_bucket,
                    help=f"documents paired per LSH bucket (default {dd.max_bucket})")
     d.add_argument("--dedup-containment", type=float, default=dd.containment_threshold,
@@ -233,6 +241,10 @@ def validate(args: argparse.Namespace) -> None:
     if args.coding and args.length_granularity % args.coding_block:
         raise SystemExit(f"lmc-audit: --length-granularity ({args.length_granularity}) must be a multiple of "
                          f"--coding-block ({args.coding_block})")
+    if args.dedup_rounds < 0:
+        raise SystemExit(f"lmc-audit: --dedup-rounds must be at least 0, got {args.dedup_rounds}")
+    if args.part_bytes < 1 << 16:
+        raise SystemExit(f"lmc-audit: --part-bytes must be at least 64 KiB (65536), got {args.part_bytes}")
     for name in ("max_batch_tokens", "max_batch_rows", "length_granularity", "coding_rows", "coding_block"):
         if getattr(args, name) < 1:
             raise SystemExit(f"lmc-audit: --{name.replace('_', '-')} must be at least 1")
@@ -400,7 +412,7 @@ def plan_incremental(output: str, shards: list, fingerprint: str, listing_errors
     Deleting needs proof: manifests of a shard gone from the input are removed only when the listing
     succeeded for every input and fewer than ``max_removed_fraction`` of the audited shards are gone;
     otherwise this fails with what it found and deletes nothing."""
-    from lmc_audit.transforms.manifests import STATE_COMMITS, shard_part_name
+    from lmc_audit.transforms.manifests import STATE_COMMITS, shard_file_prefix
 
     fs, root = fsspec.core.url_to_fs(output)
     root = root.rstrip("/")
@@ -430,14 +442,16 @@ def plan_incremental(output: str, shards: list, fingerprint: str, listing_errors
             f"lmc-audit: --incremental: {len(gone)} of {len(markers)} audited shards are gone from the input "
             f"(e.g. {gone[0]}), more than --max-removed-fraction {max_removed_fraction}; nothing was deleted. "
             "Was the input renamed? Pass --allow-removal to drop them.")
-    current = {shard_part_name(s.path) for s in shards}
+    # Files of a shard gone, or about to be audited again (its part count may change): removed first.
+    # A shard's commit marker goes with them, so a run killed after this audits it again.
+    stale = {shard_file_prefix(path) for path in gone} | {shard_file_prefix(s.path) for s in to_read}
     for d in (*MANIFEST_DIRS, "_state/sketches", STATE_COMMITS):
         folder = f"{root}/{d}"
         if not fs.exists(folder):
             continue
         for path in fs.ls(folder, detail=False):
-            name = path.rsplit("/", 1)[-1].replace(".json", ".parquet")
-            if name.startswith("part-") and len(name) == len("part-") + 16 + len(".parquet") and name not in current:
+            name = path.rsplit("/", 1)[-1]
+            if name.startswith("part-") and name[:len("part-") + 16] in stale:
                 fs.rm(path)
     return commit, to_read, kept
 
@@ -470,6 +484,8 @@ def run(argv: list[str] | None = None, test_pipeline: beam.Pipeline | None = Non
     fingerprint = model_fingerprint(model_dir)
     run_fingerprint = options_fingerprint(args, fingerprint)
     commit = {s.path: {"key": shard_key(s.path), "fingerprint": run_fingerprint} for s in shards}
+    parts = {s.index: shard_parts(s.size, s.compression is not None or s.format == "parquet", args.part_bytes)
+             for s in shards}
     committed = []
     if args.incremental:
         commit, shards, committed = plan_incremental(
@@ -477,9 +493,10 @@ def run(argv: list[str] | None = None, test_pipeline: beam.Pipeline | None = Non
             1.0 if args.allow_removal else args.max_removed_fraction)
         # The run record marks a complete set of manifests: it goes until this run completes.
         out_fs, out_root = fsspec.core.url_to_fs(args.output)
-        for name in ("run.json", "report.html"):
+        # Duplicates are found again over every shard: the old files go with the record.
+        for name in ("run.json", "report.html", "duplicates"):
             if out_fs.exists(f"{out_root.rstrip('/')}/{name}"):
-                out_fs.rm(f"{out_root.rstrip('/')}/{name}")
+                out_fs.rm(f"{out_root.rstrip('/')}/{name}", recursive=True)
         print(f"[lmc-audit] incremental: {len(committed)} shards already audited, {len(shards)} to audit",
               file=sys.stderr)
 
@@ -513,10 +530,10 @@ def run(argv: list[str] | None = None, test_pipeline: beam.Pipeline | None = Non
             sketches = ((sketches, pipeline | "CommittedSketches" >> LoadCommittedSketches(args.output, committed))
                         | "AllSketches" >> beam.Flatten())
         duplicates = (sketches
-                      | "FindDuplicates" >> FindDuplicates(dedup, scorer(args.model, None))
-                      | "WriteDuplicates" >> WriteDuplicates(args.output))
+                      | "FindDuplicates" >> FindDuplicates(dedup, scorer(args.model, None), args.dedup_rounds)
+                      | "WriteDuplicates" >> WriteDuplicates(args.output, sum(parts.values())))
     written = tuple(manifest_inputs) | "WriteManifests" >> WriteManifests(args.output, signal_options(args),
-                                                                   commit, committed, duplicates)
+                                                                          commit, committed, duplicates, parts)
     record_inputs = {"written": written, "documents": read.main, "dead_letters": dead_letters}
     if args.coding:
         record_inputs["scored"] = scored

@@ -56,9 +56,11 @@ def test_clusters_keep_the_first_document_in_input_order():
              Edge((0, 5, "b"), (0, 2, "a"), 0.9, None, ("s", "h1"), ("s", "h1")),
              Edge((2, 0, "x"), (2, 1, "y"), 0.75, 0.2, info, ("s", "hy"))]
     rows = {r["doc_id"]: r for r in dedup.duplicate_rows(edges)}
-    assert {k: (r["cluster_id"], r["keep"], r["kept_doc_id"]) for k, r in rows.items()} == {
-        "a": (0, True, "a"), "b": (0, False, "a"), "c": (0, False, "a"),
-        "x": (1, True, "x"), "y": (1, False, "x")}
+    assert {k: (r["keep"], r["kept_doc_id"]) for k, r in rows.items()} == {
+        "a": (True, "a"), "b": (False, "a"), "c": (False, "a"), "x": (True, "x"), "y": (False, "x")}
+    ids = {k: r["cluster_id"] for k, r in rows.items()}
+    assert ids["a"] == ids["b"] == ids["c"] == dedup.cluster_id_of((0, 2, "a")) != ids["x"] == ids["y"]
+    assert all(0 <= i < 2 ** 63 for i in ids.values())
     assert rows["b"]["reason"] == "exact" and rows["c"]["reason"] == "near"
     assert rows["c"]["matched_doc_id"] == "b" and rows["c"]["jaccard"] == 0.8 and rows["c"]["ncd"] == 0.1
     assert rows["b"]["cluster_size"] == 3
@@ -274,3 +276,91 @@ def test_dedup_options_are_checked_when_the_job_is_built(tmp_path):
     with pytest.raises(ValueError, match="at least 1"):
         DedupOptions(bands=0)
 
+
+
+def _run_to_file(tmp_path: Path, build, name: str) -> tuple[list, object]:
+    """Runs ``build(pipeline)`` on the DirectRunner; its one list of elements, and the result (metrics)."""
+    import pickle
+
+    import apache_beam as beam
+
+    target = tmp_path / f"{name}.pickle"
+    pipeline = beam.Pipeline(runner="DirectRunner")
+    _ = (build(pipeline) | beam.combiners.ToList()
+         | beam.Map(lambda items, path=str(target): Path(path).write_bytes(pickle.dumps(sorted(items)))))
+    result = pipeline.run()
+    result.wait_until_finish()
+    return pickle.loads(target.read_bytes()), result
+
+
+def _unsettled(result) -> int:
+    from apache_beam.metrics import MetricsFilter
+
+    found = result.metrics().query(MetricsFilter().with_name("components_unsettled_nodes"))["counters"]
+    return sum(c.committed or 0 for c in found)
+
+
+def test_connected_components_match_union_find_whatever_the_rounds(tmp_path):
+    """Large-star / small-star rounds, then what has not settled joined on one worker: the labels are the
+    components' smallest nodes for any number of rounds; enough rounds leave nothing to gather."""
+    import apache_beam as beam
+
+    from lmc_audit.transforms.components import ConnectedComponents, UnionFind
+
+    rng = random.Random(5)
+    path = list(range(300))
+    rng.shuffle(path)
+    graphs = {
+        "path": [(path[i], path[i + 1]) for i in range(len(path) - 1)],  # the slowest to settle
+        "random": [(rng.randrange(250), rng.randrange(250)) for _ in range(300)] + [(3, 4), (4, 3), (3, 4)],
+        "stars": [((c, rng.randrange(10 ** 6), f"d{i}"), (c, 0, "root")) for c in range(5) for i in range(40)]
+                 + [((1, 0, "root"), (2, 5, "x")), ((2, 5, "x"), (4, 0, "root"))],  # tuples, as DocKeys are
+    }
+    for name, edges in graphs.items():
+        uf = UnionFind()
+        for a, b in edges:
+            if a != b:
+                uf.union(a, b)
+        want = sorted((node, uf.find(node)) for node in uf.parent)
+        for rounds in (0, 2, 8):
+            got, result = _run_to_file(tmp_path, lambda p, e=edges, r=rounds: p | beam.Create(e)
+                                       | ConnectedComponents(r), f"{name}{rounds}")
+            assert got == want, (name, rounds)
+            if rounds == 0 and name == "path":
+                assert _unsettled(result) > 50  # the fallback did the work here
+            if rounds == 8:
+                assert _unsettled(result) == 0, name
+    with pytest.raises(ValueError, match="rounds"):
+        ConnectedComponents(-1)
+
+
+def test_find_duplicates_clusters_equal_union_find_over_its_edges(tmp_path):
+    """The job's transform, whatever its rounds, gives the rows ``duplicate_rows`` makes in memory from the
+    same verified edges: exact copies, near copies and distinct documents."""
+    import apache_beam as beam
+
+    from lmc_audit.transforms.find_duplicates import FindDuplicates
+
+    opts = DedupOptions()
+    hasher = dedup.MinHasher(opts.num_perm)
+    rng = random.Random(11)
+    words = [f"w{i}" for i in range(2000)]
+    sketches = []
+    for i in range(12):
+        base = [rng.choice(words) for _ in range(300)]
+        texts = [base, base, base[:-3] + ["edit"] * 3, [rng.choice(words) for _ in range(300)]]
+        for j, t in enumerate(texts):
+            key = (i % 3, 100 * i + j, f"doc{i}-{j}")
+            sketches.append(dedup.make_sketch(key, f"s{i % 3}", " ".join(t).encode(), opts, hasher))
+    rows = {}
+    for rounds in (0, 3):
+        found, _ = _run_to_file(tmp_path, lambda p, r=rounds: p | beam.Create(sketches)
+                                | FindDuplicates(opts, component_rounds=r), f"find{rounds}")
+        rows[rounds] = [row for _, _, row in found]
+    assert rows[0] == rows[3]
+    by_doc = {r["doc_id"]: r for r in rows[3]}
+    for i in range(12):
+        kept = by_doc[f"doc{i}-0"]
+        assert kept["keep"] and kept["cluster_size"] == 3 and f"doc{i}-3" not in by_doc
+        assert by_doc[f"doc{i}-1"]["reason"] == "exact" and by_doc[f"doc{i}-2"]["reason"] == "near"
+        assert len({by_doc[f"doc{i}-{j}"]["cluster_id"] for j in range(3)}) == 1

@@ -153,3 +153,82 @@ def test_handler_reports_the_bytes_of_text_it_scores():
     items = [TokenizedChunk(Chunk(f"d{i}", "s", 0, i, 0, 0, b"x" * (10 + i), b"", 0, 0, 0), (1,) * 3, 256, 64)
              for i in range(3)]
     assert CausalLMHandler("bundled").get_num_bytes(items) == 10 + 11 + 12
+
+
+def test_a_shard_written_in_parts_holds_the_same_rows(tmp_path, tiny_byte_model):
+    """A JSONL shard and a one-document text file larger than --part-bytes are written as several part
+    files (the document's chunks spread over them, by slices of SLICE_CHUNKS): the same rows as one
+    file per shard, each file sorted, and a byte-identical shards manifest (exact sums, exact quantiles)."""
+    import json
+
+    import pyarrow.dataset as ds
+
+    from lmc_audit.pipelines.audit import run
+    from lmc_audit.transforms.manifests import SLICE_CHUNKS, part_file_name, part_of, shard_file_prefix, shard_parts
+
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    rng = random.Random(3)
+    words = [f"w{i}" for i in range(300)]
+    with open(corpus / "a.jsonl", "w") as f:
+        for i in range(500):
+            f.write(json.dumps({"text": " ".join(rng.choice(words) for _ in range(40 + i % 30))}) + "\n")
+    (corpus / "book.txt").write_text(" ".join(rng.choice(words) for _ in range(20000)))
+    assert (corpus / "a.jsonl").stat().st_size > 2 * 65536 and (corpus / "book.txt").stat().st_size > 65536
+    outs = {}
+    for name, extra in (("one", []), ("parts", ["--part-bytes", "65536", "--max-batch-rows", "64"])):
+        outs[name] = tmp_path / name
+        run(["--input", str(corpus), "--output", str(outs[name]), "--model", tiny_byte_model, "--quiet",
+             "--chunk-bytes", "64", "--no-coding", *extra])
+
+    def rows(out, manifest, order):
+        return sorted(ds.dataset(out / manifest, format="parquet").to_table().to_pylist(),
+                      key=lambda r: tuple(r[c] for c in order))
+
+    for manifest, order in (("chunks", ("shard", "position", "doc_id", "chunk_index")),
+                            ("documents", ("shard", "position", "doc_id")),
+                            ("_state/sketches", ("shard", "position", "doc_id"))):
+        assert rows(outs["one"], manifest, order) == rows(outs["parts"], manifest, order), manifest
+    assert (outs["one"] / "shards/part-00000.parquet").read_bytes() == \
+        (outs["parts"] / "shards/part-00000.parquet").read_bytes()
+    assert (outs["one"] / "run.json").exists() and (outs["parts"] / "run.json").exists()
+
+    book = str(corpus / "book.txt")
+    book_files = sorted((outs["parts"] / "chunks").glob(f"{shard_file_prefix(book)}-*.parquet"))
+    jsonl_files = sorted((outs["parts"] / "chunks").glob(f"{shard_file_prefix(str(corpus / 'a.jsonl'))}-*.parquet"))
+    assert len(list((outs["one"] / "chunks").glob("part-*.parquet"))) == 2
+    assert len(jsonl_files) == 3
+    slices: dict[int, set[str]] = {}
+    book_chunks = []
+    for f in book_files + jsonl_files:
+        t = pq.read_table(f).to_pylist()
+        keys = [(r["position"], r["doc_id"], r["chunk_index"]) for r in t]
+        assert keys == sorted(keys) and len(t) > 0
+        if f in book_files:
+            book_chunks += [r["chunk_index"] for r in t]
+            for r in t:
+                slices.setdefault(r["chunk_index"] // SLICE_CHUNKS, set()).add(f.name)
+    assert sorted(book_chunks) == list(range(len(book_chunks))) and len(slices) >= 2
+    # Each slice whole in the part its hash picks (the hash depends on the path, so on tmp_path).
+    parts = shard_parts((corpus / "book.txt").stat().st_size, False, 65536)
+    assert parts >= 2
+    assert slices == {i: {part_file_name(book, part_of(parts, 0, f"{book}#0", i * SLICE_CHUNKS))} for i in slices}
+    # What one writer holds: a part's rows, about the shard's over its part count (hashing fills them evenly).
+    jsonl_rows = [pq.ParquetFile(f).metadata.num_rows for f in jsonl_files]
+    assert max(jsonl_rows) < 1.5 * sum(jsonl_rows) / len(jsonl_rows)
+
+
+def test_a_long_document_spreads_over_its_shards_parts():
+    """A 500 MB document's 256,000 chunks of 2 KiB in slices of SLICE_CHUNKS: every part gets some, none
+    much more than its share."""
+    from collections import Counter
+
+    from lmc_audit.transforms.manifests import SLICE_CHUNKS, part_of, shard_parts
+
+    parts = shard_parts(500 << 20, False)
+    assert parts == 8
+    slices = (500 << 20) // 2048 // SLICE_CHUNKS
+    counts = Counter(part_of(parts, 0, "books/long.txt#0", i * SLICE_CHUNKS) for i in range(slices))
+    assert set(counts) == set(range(parts)) and max(counts.values()) < 2.5 * slices / parts
+    assert part_of(1, 0, "x", 10 ** 6) == 0 and shard_parts(1, True) == 1 and shard_parts(16 << 20, True) == 1
+    assert shard_parts((16 << 20) + 1, True) == 2  # compressed: counted at 4x its size

@@ -66,6 +66,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from lmc_audit.transforms.components import UnionFind
+
 MERSENNE = np.uint64((1 << 61) - 1)
 MAX_HASH = np.uint64((1 << 32) - 1)
 
@@ -440,64 +442,57 @@ def star_pairs(members: Iterable[DocKey], max_bucket: int, centers: int = 1) -> 
             yield center, other
 
 
-class _Components:
-    """Union-find over document keys."""
+def edge_rank(e: Edge) -> tuple:
+    """A document's best edge is the smallest rank: highest Jaccard, then lowest NCD, then the first pair."""
+    return -e.jaccard, e.ncd if e.ncd is not None else 2.0, e.a, e.b
 
-    def __init__(self):
-        self.parent: dict[DocKey, DocKey] = {}
 
-    def find(self, x: DocKey) -> DocKey:
-        self.parent.setdefault(x, x)
-        root = x
-        while self.parent[root] != root:
-            root = self.parent[root]
-        while self.parent[x] != root:
-            self.parent[x], x = root, self.parent[x]
-        return root
+def node_info(key: DocKey, e: Edge) -> tuple[str, str]:
+    """(shard, normalized hash) of one end of an edge."""
+    return e.a_info if e.a == key else e.b_info
 
-    def union(self, a: DocKey, b: DocKey) -> None:
-        ra, rb = self.find(a), self.find(b)
-        if ra != rb:
-            # The smaller key (earlier in input order) stays the root.
-            lo, hi = min(ra, rb), max(ra, rb)
-            self.parent[hi] = lo
+
+def cluster_id_of(root: DocKey) -> int:
+    """A cluster's id from its kept document alone (63 bits of a hash): found without ranking all clusters."""
+    return int.from_bytes(hashlib.sha1(repr(root).encode()).digest()[:8], "big") >> 1
+
+
+def duplicate_row(key: DocKey, root: DocKey, size: int, best: Edge, root_hash: str) -> dict:
+    """One row of the duplicates manifest: ``key`` in the cluster kept as ``root``, of ``size`` members."""
+    keep = key == root
+    matched = best.b if best.a == key else best.a
+    shard, h = node_info(key, best)
+    return {
+        "doc_id": key[2], "shard": shard, "position": key[1], "cluster_id": cluster_id_of(root),
+        "cluster_size": size, "keep": keep, "kept_doc_id": root[2],
+        "reason": "kept" if keep else ("exact" if h == root_hash else "near"),
+        "matched_doc_id": matched[2], "jaccard": best.jaccard, "ncd": best.ncd,
+        "containment": best.containment, "line_containment": best.line_containment,
+        "length_ratio": best.length_ratio, "rule": "kept" if keep else best.rule,
+    }
 
 
 def duplicate_rows(edges: Iterable[Edge]) -> list[dict]:
-    """Rows of the duplicates manifest from verified edges.
+    """Rows of the duplicates manifest from verified edges, in memory: the reference that
+    ``FindDuplicates`` (connected components as shuffles) is tested against.
 
     Keep rule: the first document of a cluster in input order (shard listing
     order, then line/row, then id) is kept; every other one is dropped and
-    points at it.
+    points at it. Rows come by kept document, then member.
     """
-    uf = _Components()
+    uf = UnionFind()
     best: dict[DocKey, Edge] = {}
-    hashes: dict[DocKey, tuple[str, str]] = {}
-    for e in sorted(edges, key=lambda e: (e.a, e.b)):
-        hashes[e.a], hashes[e.b] = e.a_info, e.b_info
+    for e in edges:
         uf.union(e.a, e.b)
         for me in (e.a, e.b):
-            cur = best.get(me)
-            if cur is None or (e.jaccard, -(e.ncd if e.ncd is not None else 2.0)) > (
-                    cur.jaccard, -(cur.ncd if cur.ncd is not None else 2.0)):
+            if me not in best or edge_rank(e) < edge_rank(best[me]):
                 best[me] = e
     clusters: dict[DocKey, list[DocKey]] = {}
     for key in uf.parent:
         clusters.setdefault(uf.find(key), []).append(key)
     rows = []
-    for cluster_id, root in enumerate(sorted(clusters)):
+    for root in sorted(clusters):
         members = sorted(clusters[root])
-        for key in members:
-            keep = key == root
-            e = best[key]
-            matched = e.b if e.a == key else e.a
-            shard, h = hashes[key]
-            rows.append({
-                "doc_id": key[2], "shard": shard, "position": key[1], "cluster_id": cluster_id,
-                "cluster_size": len(members), "keep": keep, "kept_doc_id": root[2],
-                "reason": "kept" if keep else ("exact" if h == hashes[root][1] else "near"),
-                "matched_doc_id": matched[2], "jaccard": e.jaccard, "ncd": e.ncd,
-                "containment": e.containment, "line_containment": e.line_containment,
-                "length_ratio": e.length_ratio, "rule": "kept" if keep else e.rule,
-            })
+        root_hash = node_info(root, best[root])[1]
+        rows.extend(duplicate_row(key, root, len(members), best[key], root_hash) for key in members)
     return rows

@@ -7,11 +7,12 @@ The steps and the reasons for them are in ``dedup``'s docstring. Counters:
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 
 import apache_beam as beam
 from apache_beam.metrics import Metrics
 
+from lmc_audit.transforms.components import ConnectedComponents
 from lmc_audit.transforms.progress import Progress
 from lmc_audit.transforms import dedup
 from lmc_audit.transforms.dedup import DedupOptions, DocSketch, Edge
@@ -102,17 +103,51 @@ class VerifyPair(beam.DoFn):
                            verdict.length_ratio, verdict.rule)
 
 
-class FindDuplicates(beam.PTransform):
-    """``DocSketch`` elements in; one list of duplicates-manifest rows out (possibly empty).
+def _edge_ends(e: Edge) -> Iterator[tuple[dedup.DocKey, Edge]]:
+    yield e.a, e
+    yield e.b, e
 
-    ``score`` is a ``ScoreChunks`` (no coding) with the audit's model: it
-    gives C(x), C(y) and C(xy) for the NCD. Without it, NCD is left empty.
+
+def _best_edge(edges: Iterable[Edge]) -> Edge:
+    return min(edges, key=dedup.edge_rank)
+
+
+def _member_of_cluster(element) -> Iterator[tuple[dedup.DocKey, tuple[dedup.DocKey, Edge]]]:
+    node, grouped = element
+    for root in grouped["label"]:  # exactly one
+        for best in grouped["best"]:  # exactly one
+            yield root, (node, best)
+
+
+def cluster_rows(element) -> Iterator[tuple[dedup.DocKey, dedup.DocKey, dict]]:
+    """A cluster's members in; their rows out, with (kept document, member) to sort them by. Two passes
+    over the grouped members (size and the kept document's hash, then the rows): nothing held."""
+    root, members = element
+    size, root_hash = 0, None
+    for node, best in members:
+        size += 1
+        if node == root:
+            root_hash = dedup.node_info(root, best)[1]
+    for node, best in members:
+        yield root, node, dedup.duplicate_row(node, root, size, best, root_hash)
+
+
+class FindDuplicates(beam.PTransform):
+    """``DocSketch`` elements in; rows of the duplicates manifest out, as (kept document's key,
+    document's key, row), one per document in a cluster.
+
+    ``score`` is a ``ScoreChunks`` (no coding) with the audit's model: it gives C(x), C(y) and C(xy)
+    for the NCD. Without it, NCD is left empty. Clusters are the connected components of the verified
+    edges, found by ``ConnectedComponents`` in ``component_rounds`` unrolled rounds (exact whatever the
+    number; fewer rounds leave more to gather on one worker): no step holds every edge.
     """
 
-    def __init__(self, options: DedupOptions = DedupOptions(), score: beam.PTransform | None = None):
+    def __init__(self, options: DedupOptions = DedupOptions(), score: beam.PTransform | None = None,
+                 component_rounds: int = 3):
         super().__init__()
         self._options = options
         self._score = score
+        self._rounds = component_rounds
 
     def expand(self, sketches):
         o = self._options
@@ -140,10 +175,17 @@ class FindDuplicates(beam.PTransform):
         near = ({"pair": joined.pairs, "scored": scored}
                 | "JoinNcd" >> beam.CoGroupByKey()
                 | "Verify" >> beam.ParDo(VerifyPair(o)))
+        edges = (exact, near) | "AllEdges" >> beam.Flatten()
+        labels = (edges
+                  | "EdgePairs" >> beam.Map(lambda e: (e.a, e.b))
+                  | "Clusters" >> ConnectedComponents(self._rounds))
+        best = (edges
+                | "EdgeEnds" >> beam.FlatMap(_edge_ends)
+                | "BestEdge" >> beam.CombinePerKey(_best_edge))
         return (
-            (exact, near)
-            | "AllEdges" >> beam.Flatten()
-            | "CollectEdges" >> beam.combiners.ToList()
-            | "Clusters" >> beam.Map(dedup.duplicate_rows)
+            {"label": labels, "best": best}
+            | "JoinLabelAndEdge" >> beam.CoGroupByKey()
+            | "KeyByCluster" >> beam.FlatMap(_member_of_cluster)
+            | "GroupByCluster" >> beam.GroupByKey()
+            | "ClusterRows" >> beam.FlatMap(cluster_rows)
         )
-

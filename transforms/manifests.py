@@ -1,22 +1,31 @@
 """``WriteManifests``: chunk, document, shard and dead-letter Parquet datasets.
 
-Everything about one input shard is grouped on the shard's index and written
-by one worker as ``<manifest>/part-<hash of shard path>.parquet``, rows sorted, with an
-explicit schema. That makes the files byte-identical whatever the batch
-size, bundle boundaries or number of workers, which Beam's ``WriteToParquet``
-does not promise (its sharding follows bundles). The group carries no text:
-chunks lose their bytes before it, per-token scores are bounded summaries,
-and each document's hashes and sketch were made while it was read. Rows
-stream through ``pq.ParquetWriter`` in row groups into a temporary file
-renamed into place (local) or a multipart upload committed at close (object
-stores), so a reader never sees half a file; a retried write produces the
-same bytes.
+A shard is written in parts: ``<manifest>/part-<hash of shard path>-<part>.parquet``.
+The number of parts follows the shard's size in the listing (one per
+``part_bytes`` of text, 64 MiB by default; compressed files and Parquet
+counted at 4x their size), and every row goes to the part a hash of its
+document (and, for chunks, of its slice of 1,024 chunks) picks. So a worker
+holds one part, whatever the size of the shard or of one document (a 500 MB
+book spreads its chunks over all its shard's parts), and parts are written
+in parallel. Within a file rows are sorted, with an explicit schema: the
+files are byte-identical whatever the batch size, bundle boundaries or
+number of workers, which Beam's ``WriteToParquet`` does not promise (its
+sharding follows bundles). The groups carry no text: chunks lose their bytes
+before them, per-token scores are bounded summaries, and each document's
+hashes and sketch were made while it was read. A shard's row is the merge
+of its parts' totals (``ShardTotals``); its commit marker is written after
+every part. Rows stream through ``pq.ParquetWriter`` in row groups into a
+temporary file renamed into place (local) or a multipart upload committed
+at close (object stores), so a reader never sees half a file; a retried
+write produces the same bytes.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+from fractions import Fraction
+from array import array
 from collections.abc import Iterable, Iterator
 
 import apache_beam as beam
@@ -43,8 +52,36 @@ def part_name(index: int) -> str:
 
 
 def shard_part_name(shard: str) -> str:
-    """A shard's file name in every manifest: stable when other shards come or go (incremental runs)."""
+    """A shard's commit marker name (``.json``): stable when other shards come or go (incremental runs)."""
     return f"part-{hashlib.sha1(shard.encode()).hexdigest()[:16]}.parquet"
+
+
+def shard_file_prefix(shard: str) -> str:
+    """What every manifest file of a shard's parts starts with."""
+    return shard_part_name(shard)[:-len(".parquet")]
+
+
+def part_file_name(shard: str, part: int) -> str:
+    return f"{shard_file_prefix(shard)}-{part:05d}.parquet"
+
+
+PART_BYTES = 64 << 20  # default text bytes per part file: what one writer holds the rows of
+COMPRESSED_EXPANSION = 4  # a compressed file (or Parquet) is counted at this many times its size
+SLICE_CHUNKS = 1024  # a document's chunks go to parts in slices of this many
+
+
+def shard_parts(size: int, compressed: bool, part_bytes: int = PART_BYTES) -> int:
+    """How many part files a shard of ``size`` listed bytes is written as: from the listing alone."""
+    return max(1, -(-size * (COMPRESSED_EXPANSION if compressed else 1) // part_bytes))
+
+
+def part_of(parts: int, position: int, doc_id: str | None, chunk_index: int = 0) -> int:
+    """The part a document's row (and its chunks' rows, by slice) goes to: a hash, so that parts fill
+    evenly whatever the order or the sizes of the documents."""
+    if parts <= 1:
+        return 0
+    key = f"{position}\0{doc_id}\0{chunk_index // SLICE_CHUNKS}".encode()
+    return int.from_bytes(hashlib.sha1(key).digest()[:8], "big") % parts
 
 
 EMPTY = "empty.parquet"
@@ -167,16 +204,14 @@ def chunk_row(s: ScoredChunk, k: float = 0.2, reference_bits: float | None = Non
 
 
 def document_row(key: DocKey, shard: str, stats: dict, facts: DocumentFacts,
-                 options: SignalOptions = SignalOptions(), references: list[float | None] | None = None) -> dict:
+                 options: SignalOptions = SignalOptions(), reference: ReferenceBits | None = None) -> dict:
     """One document's row from its ``DocumentStatsFn`` output, its ``facts`` (hashes, snippet) and, with a
-    reference model, that model's bits of each of its chunks in order."""
+    reference model, that model's bits of its chunks (``ReferenceBitsFn``)."""
     _, position, doc_id = key
     n_bytes, bits, scored_bytes, coded = stats["bytes"], stats["bits"], stats["scored_bytes"], stats["coded_bits"]
     ref_bits = ref_bpb = diff = None
-    if references is not None and bits is not None and all(r is not None for r in references):
-        ref_bits = 0.0
-        for r in references:  # chunk order: the same float on every run
-            ref_bits += r
+    if reference is not None and bits is not None and reference.complete(stats["chunks"]):
+        ref_bits = float(reference.bits)
         ref_bpb = _ratio(ref_bits, n_bytes)
         # Both over all of the document's bytes: only when every chunk was scored by both models.
         if stats["flagged_chunks"] == 0:
@@ -214,7 +249,55 @@ def document_row_of_chunks(chunks: list[ScoredChunk], options: SignalOptions = S
     describer = DocumentDescriber(key, first.shard, max(s.chunk.size for s in chunks))
     for s in chunks:
         describer.update(s.chunk.data)
-    return document_row(key, first.shard, fn.extract_output(acc), describer.finish(), options, references)
+    reference = None
+    if references is not None:
+        reference = ReferenceBits()
+        for r in references:
+            reference.add(r)
+    return document_row(key, first.shard, fn.extract_output(acc), describer.finish(), options, reference)
+
+
+class ReferenceBits:
+    """The reference model's bits of a document's chunks, summed exactly (any order, the same float)."""
+
+    def __init__(self):
+        self.bits, self.chunks, self.missing = Fraction(0), 0, False
+
+    def add(self, bits: float | None) -> None:
+        self.chunks += 1
+        if bits is None:
+            self.missing = True
+        else:
+            self.bits += Fraction(bits)
+
+    def merge(self, other: "ReferenceBits") -> "ReferenceBits":
+        self.bits, self.chunks, self.missing = self.bits + other.bits, self.chunks + other.chunks, \
+            self.missing or other.missing
+        return self
+
+    def complete(self, chunks: int) -> bool:
+        return not self.missing and self.chunks == chunks
+
+
+class ReferenceBitsFn(beam.CombineFn):
+    """A document's reference bits from its chunks scored by the reference model: one small accumulator."""
+
+    def create_accumulator(self) -> ReferenceBits:
+        return ReferenceBits()
+
+    def add_input(self, acc: ReferenceBits, s: ScoredChunk) -> ReferenceBits:
+        acc.add(s.bits)
+        return acc
+
+    def merge_accumulators(self, accs) -> ReferenceBits:
+        it = iter(accs)
+        first = next(it)
+        for a in it:
+            first.merge(a)
+        return first
+
+    def extract_output(self, acc: ReferenceBits) -> ReferenceBits:
+        return acc
 
 
 def quantile(values: list[float], q: float) -> float:
@@ -222,33 +305,78 @@ def quantile(values: list[float], q: float) -> float:
     return float(np.quantile(np.asarray(values, np.float64), q))
 
 
-def shard_row(shard: str, docs: list[dict], dead_letters: int) -> dict:
-    n_bytes = sum(d["bytes"] for d in docs)
-    scored_bytes = sum(d["scored_bytes"] for d in docs)
-    bits = 0.0
-    for d in docs:
+class ShardTotals:
+    """What a shard's row needs of its documents, gathered part by part: counts, exact sums
+    (``Fraction``) and each document's bpb (8 bytes a document, for exact quantiles). Merging parts'
+    totals in any order gives the same row."""
+
+    def __init__(self):
+        self.documents = self.dead_letters = self.chunks = self.flagged_chunks = 0
+        self.bytes = self.scored_bytes = self.coded_bits = self.flagged_documents = 0
+        self.coded_missing = False
+        self.bits = Fraction(0)
+        self.weighted = {col: Fraction(0) for col in ("zlib_bpb", "zstd_bpb", "xz_bpb")}
+        self.doc_bpb = array("d")
+        self.flagged = {name: 0 for name in signals.SIGNALS}
+
+    def add_document(self, d: dict) -> None:
+        self.documents += 1
+        self.chunks += d["chunks"]
+        self.flagged_chunks += d["flagged_chunks"]
+        self.bytes += d["bytes"]
+        self.scored_bytes += d["scored_bytes"]
         if d["bits"] is not None:
-            bits += d["bits"]
-    doc_bpb = sorted(d["bpb"] for d in docs if d["bpb"] is not None)
-    coded = None if not docs or any(d["coded_bits"] is None for d in docs) else sum(d["coded_bits"] for d in docs)
+            self.bits += Fraction(d["bits"])
+        if d["coded_bits"] is None:
+            self.coded_missing = True
+        else:
+            self.coded_bits += d["coded_bits"]
+        for col in self.weighted:
+            self.weighted[col] += Fraction(d[col]) * d["bytes"]
+        if d["bpb"] is not None:
+            self.doc_bpb.append(d["bpb"])
+        for name in self.flagged:
+            self.flagged[name] += name in d["memorization_flags"]
+        self.flagged_documents += bool(d["memorization_flags"])
 
-    def weighted(col: str) -> float | None:
-        return _ratio(sum(d[col] * d["bytes"] for d in docs), n_bytes)
+    def merge(self, o: "ShardTotals") -> "ShardTotals":
+        for name in ("documents", "dead_letters", "chunks", "flagged_chunks", "bytes", "scored_bytes", "coded_bits",
+                     "flagged_documents", "bits"):
+            setattr(self, name, getattr(self, name) + getattr(o, name))
+        self.coded_missing |= o.coded_missing
+        for col in self.weighted:
+            self.weighted[col] += o.weighted[col]
+        self.doc_bpb.extend(o.doc_bpb)
+        for name in self.flagged:
+            self.flagged[name] += o.flagged[name]
+        return self
 
-    return {
-        "shard": shard, "documents": len(docs), "dead_letters": dead_letters,
-        "chunks": sum(d["chunks"] for d in docs), "flagged_chunks": sum(d["flagged_chunks"] for d in docs),
-        "bytes": n_bytes, "scored_bytes": scored_bytes, "bits": bits, "bpb": _ratio(bits, scored_bytes),
-        "coded_bits": coded, "coded_bpb": _ratio(coded, n_bytes),
-        "zlib_bpb": weighted("zlib_bpb"), "zstd_bpb": weighted("zstd_bpb"), "xz_bpb": weighted("xz_bpb"),
-        "min_doc_bpb": doc_bpb[0] if doc_bpb else None,
-        **{f"{name}_doc_bpb": quantile(doc_bpb, q) if doc_bpb else None for name, q in QUANTILES},
-        "max_doc_bpb": doc_bpb[-1] if doc_bpb else None,
-        **{f"flagged_{name}": sum(name in d["memorization_flags"] for d in docs) for name in signals.SIGNALS},
-        "flagged_documents": sum(bool(d["memorization_flags"]) for d in docs),
-        # Filled in once duplicates are known (WriteShardsTable).
-        "exact_duplicates": 0, "near_duplicates": 0, "exact_duplicate_rate": None, "near_duplicate_rate": None,
-    }
+    def row(self, shard: str) -> dict:
+        doc_bpb = sorted(self.doc_bpb)
+        coded = None if not self.documents or self.coded_missing else self.coded_bits
+        return {
+            "shard": shard, "documents": self.documents, "dead_letters": self.dead_letters,
+            "chunks": self.chunks, "flagged_chunks": self.flagged_chunks,
+            "bytes": self.bytes, "scored_bytes": self.scored_bytes, "bits": float(self.bits),
+            "bpb": _ratio(float(self.bits), self.scored_bytes),
+            "coded_bits": coded, "coded_bpb": _ratio(coded, self.bytes),
+            **{col: _ratio(float(total), self.bytes) for col, total in self.weighted.items()},
+            "min_doc_bpb": doc_bpb[0] if doc_bpb else None,
+            **{f"{name}_doc_bpb": quantile(doc_bpb, q) if doc_bpb else None for name, q in QUANTILES},
+            "max_doc_bpb": doc_bpb[-1] if doc_bpb else None,
+            **{f"flagged_{name}": count for name, count in self.flagged.items()},
+            "flagged_documents": self.flagged_documents,
+            # Filled in once duplicates are known (WriteShardsTable).
+            "exact_duplicates": 0, "near_duplicates": 0, "exact_duplicate_rate": None, "near_duplicate_rate": None,
+        }
+
+
+def shard_row(shard: str, docs: list[dict], dead_letters: int) -> dict:
+    totals = ShardTotals()
+    for d in docs:
+        totals.add_document(d)
+    totals.dead_letters = dead_letters
+    return totals.row(shard)
 
 
 def payload_row(s: ScoredChunk) -> dict:
@@ -271,14 +399,13 @@ class _ReadSketches(beam.DoFn):
     def process(self, element: tuple[str, int]) -> Iterator[dedup.DocSketch]:
         shard, index = element
         fs, root = fsspec.core.url_to_fs(self._output)
-        path = f"{root.rstrip('/')}/{STATE_SKETCHES}/{shard_part_name(shard)}"
-        if not fs.exists(path):
-            return
-        with fs.open(path, "rb") as f:
-            rows = pq.read_table(f, schema=schemas.SKETCHES).to_pylist()
-        for r in rows:
-            yield dedup.DocSketch((index, r["position"], r["doc_id"]), r["shard"], r["bytes"], r["normalized_hash"],
-                                  r["shingles"], r["signature"], r["ncd_text"], r["lines"])
+        folder = f"{root.rstrip('/')}/{STATE_SKETCHES}"
+        for path in sorted(fs.glob(f"{folder}/{shard_file_prefix(shard)}-*.parquet")):  # one part at a time
+            with fs.open(path, "rb") as f:
+                rows = pq.read_table(f, schema=schemas.SKETCHES).to_pylist()
+            for r in rows:
+                yield dedup.DocSketch((index, r["position"], r["doc_id"]), r["shard"], r["bytes"],
+                                      r["normalized_hash"], r["shingles"], r["signature"], r["ncd_text"], r["lines"])
 
 
 class LoadCommittedSketches(beam.PTransform):
@@ -299,52 +426,72 @@ def dead_letter_row(d: DeadLetter) -> dict:
     return {"shard": d.shard, "position": d.position, "doc_id": d.doc_id, "reason": d.reason}
 
 
-class WriteShardManifests(beam.DoFn):
-    """Writes the chunk, document, payload and dead-letter files of one shard; yields its shard row.
+class WritePartFiles(beam.DoFn):
+    """Writes the chunk, document, payload, dead-letter and sketch files of one part of a shard; yields
+    (shard index, (part, ``ShardTotals``)).
 
     The group carries no text and no per-token scores: a chunk comes as its row (and its payload row),
-    a document as its ``DocumentStatsFn`` numbers and its ``DocumentFacts`` (hashes, snippet, sketch,
-    made while it was read). Rows are sorted, then streamed into the files.
+    a document as its ``DocumentStatsFn`` numbers, its ``DocumentFacts`` (hashes, snippet, sketch, made
+    while it was read) and its ``ReferenceBits``. Rows are sorted, then streamed into the files.
     """
 
-    def __init__(self, output: str, signal_options: SignalOptions, commit: dict[str, dict] | None = None):
+    def __init__(self, output: str, signal_options: SignalOptions):
         self._output = output
         self._signals = signal_options
-        self._commit = commit or {}  # shard -> {"key", "fingerprint"}: what its commit marker records
 
-    def process(self, element) -> Iterator[dict]:
-        index, grouped = element
+    def process(self, element) -> Iterator[tuple[int, tuple[int, str, ShardTotals]]]:
+        (index, part), grouped = element
         chunks = sorted(grouped["chunks"], key=lambda c: (c[0]["position"], c[0]["doc_id"], c[0]["chunk_index"]))
         stats = sorted(grouped["documents"], key=lambda d: (d[0][1], d[0][2]))
         dead = sorted(grouped["dead_letter"], key=lambda d: (d.position, d.doc_id or "", d.reason))
         facts = {(f.key[1], f.key[2]): f for f in grouped["facts"]}
         has_reference = "reference" in grouped
         references = {(r[0], r[1], r[2]): r[3] for r in grouped.get("reference", ())}
-        shard = chunks[0][0]["shard"] if chunks else dead[0].shard
+        document_references = {(k[1], k[2]): bits for k, bits in grouped.get("document_reference", ())}
+        shard = chunks[0][0]["shard"] if chunks else dead[0].shard  # a part with documents has their first chunks
+        totals = ShardTotals()
         docs = []
         for key, numbers in stats:
-            refs = ([references.get((key[1], key[2], i)) for i in range(numbers["chunks"])]
-                    if has_reference else None)
-            docs.append(document_row(key, shard, numbers, facts[(key[1], key[2])], self._signals, refs))
-        name = shard_part_name(shard)
+            reference = document_references.get((key[1], key[2]), ReferenceBits()) if has_reference else None
+            doc = document_row(key, shard, numbers, facts[(key[1], key[2])], self._signals, reference)
+            totals.add_document(doc)
+            docs.append(doc)
+        totals.dead_letters = len(dead)
+        name = part_file_name(shard, part)
         if chunks:
             if has_reference:
                 for row, _ in chunks:
                     row["reference_bits"] = references.get((row["position"], row["doc_id"], row["chunk_index"]))
             write_rows(self._output, "chunks", name, (row for row, _ in chunks), schemas.CHUNKS)
-            write_rows(self._output, "documents", name, docs, schemas.DOCUMENTS)
             if any(p is not None for _, p in chunks):
                 write_rows(self._output, "payloads", name, (p for _, p in chunks if p is not None),
                            schemas.PAYLOADS)
+        if docs:
+            write_rows(self._output, "documents", name, docs, schemas.DOCUMENTS)
         if dead:
             write_rows(self._output, "dead_letter", name, [dead_letter_row(d) for d in dead], schemas.DEAD_LETTER)
-        row = shard_row(shard, docs, len(dead))
         sketches = [facts[(d["position"], d["doc_id"])].sketch for d in docs]
         if sketches and sketches[0] is not None:
             write_rows(self._output, STATE_SKETCHES, name, [sketch_row(k) for k in sketches], schemas.SKETCHES)
+        yield index, (part, shard, totals)
+
+
+class CommitShard(beam.DoFn):
+    """A shard's parts' totals in; its row out, once its commit marker is written (after every part)."""
+
+    def __init__(self, output: str, commit: dict[str, dict] | None = None):
+        self._output = output
+        self._commit = commit or {}  # shard -> {"key", "fingerprint"}: what its commit marker records
+
+    def process(self, element) -> Iterator[dict]:
+        _, parts = element
+        totals = ShardTotals()
+        for _, shard, part in sorted(parts, key=lambda p: p[0]):
+            totals.merge(part)
+        row = totals.row(shard)
         # The commit marker comes last: a shard is complete once it exists (incremental runs skip it).
         marker = {"shard": shard, **self._commit.get(shard, {}), "row": row}
-        write_bytes(self._output, STATE_COMMITS, name.replace(".parquet", ".json"),
+        write_bytes(self._output, STATE_COMMITS, shard_part_name(shard).replace(".parquet", ".json"),
                     json.dumps(marker, sort_keys=True).encode())
         yield row
 
@@ -352,27 +499,26 @@ class WriteShardManifests(beam.DoFn):
 class WriteShardsTable(beam.DoFn):
     """Writes the one-file shards manifest, and empty files where a manifest has none."""
 
-    def __init__(self, output: str):
+    def __init__(self, output: str, dedup: bool = False):
         self._output = output
+        self._dedup = dedup
 
-    def process(self, rows: Iterable[dict], duplicate_rows: list[list[dict]]) -> Iterator[dict]:
+    def process(self, rows: Iterable[dict], duplicates: dict[str, tuple[int, int]]) -> Iterator[dict]:
         rows = sorted(rows, key=lambda r: r["shard"])
-        counts: dict[str, list[int]] = {}
-        for d in (duplicate_rows[0] if duplicate_rows else []):
-            c = counts.setdefault(d["shard"], [0, 0])
-            c[0] += d["reason"] == "exact"
-            c[1] += d["reason"] == "near"
         for r in rows:
-            exact, near = counts.get(r["shard"], (0, 0))
+            exact, near = duplicates.get(r["shard"], (0, 0))
             r.update(exact_duplicates=exact, near_duplicates=near,
                      exact_duplicate_rate=_ratio(exact, r["documents"]), near_duplicate_rate=_ratio(near, r["documents"]))
         write_rows(self._output, "shards", part_name(0), rows, schemas.SHARDS)
         # Every manifest folder holds at least one file, so readers never fail on it; a placeholder
         # left by an earlier incremental run goes once the folder has rows.
         has_documents, has_dead = any(r["documents"] for r in rows), any(r["dead_letters"] for r in rows)
-        for manifest, schema, empty in (("chunks", schemas.CHUNKS, not has_documents),
-                                        ("documents", schemas.DOCUMENTS, not has_documents),
-                                        ("dead_letter", schemas.DEAD_LETTER, not has_dead)):
+        placeholders = [("chunks", schemas.CHUNKS, not has_documents),
+                        ("documents", schemas.DOCUMENTS, not has_documents),
+                        ("dead_letter", schemas.DEAD_LETTER, not has_dead)]
+        if self._dedup and not duplicates:  # no cluster: no part file was written
+            write_rows(self._output, "duplicates", part_name(0), [], schemas.DUPLICATES)
+        for manifest, schema, empty in placeholders:
             if empty:
                 write_rows(self._output, manifest, EMPTY, [], schema)
             else:
@@ -380,35 +526,86 @@ class WriteShardsTable(beam.DoFn):
         yield {"shards": len(rows)}
 
 
-class _WriteDuplicatesFn(beam.DoFn):
+class _WriteDuplicatesPart(beam.DoFn):
+    """Writes one part of the duplicates manifest; yields its (shard, (exact, near)) counts once written."""
+
     def __init__(self, output: str):
         self._output = output
 
-    def process(self, rows: list[dict]) -> Iterator[list[dict]]:
-        write_rows(self._output, "duplicates", part_name(0), rows, schemas.DUPLICATES)
-        yield rows
+    def process(self, element) -> Iterator[tuple[str, tuple[int, int]]]:
+        part, rows = element
+        ordered = sorted(rows, key=lambda r: (r[0], r[1]))  # by kept document, then member
+        write_rows(self._output, "duplicates", part_name(part), (row for _, _, row in ordered), schemas.DUPLICATES)
+        counts: dict[str, tuple[int, int]] = {}
+        for _, _, row in ordered:
+            if row["reason"] != "kept":
+                exact, near = counts.get(row["shard"], (0, 0))
+                counts[row["shard"]] = (exact + (row["reason"] == "exact"), near + (row["reason"] == "near"))
+        yield from sorted(counts.items())
+
+
+def _sum_pairs(pairs: Iterable[tuple[int, int]]) -> tuple[int, int]:
+    exact = near = 0
+    for e, n in pairs:
+        exact, near = exact + e, near + n
+    return exact, near
 
 
 class WriteDuplicates(beam.PTransform):
-    """``FindDuplicates``' rows in; the ``duplicates/`` manifest written; the rows out (for shard counts)."""
+    """``FindDuplicates``' rows in; the ``duplicates/`` manifest written as ``parts`` files (a cluster's
+    rows in the file a hash of its kept document picks, sorted; none for a part without rows); out, once
+    written, per shard, (exact, near) counts of its dropped documents, for the shards manifest
+    (``WriteShardsTable`` writes an empty file when there are none)."""
 
-    def __init__(self, output: str):
+    def __init__(self, output: str, parts: int = 1):
         super().__init__()
+        if parts < 1:
+            raise ValueError(f"parts must be at least 1, got {parts}")
         self._output = output
+        self._parts = parts
+
+    def _part(self, element):
+        root = element[0]
+        digest = hashlib.sha1(repr(root).encode()).digest()
+        return int.from_bytes(digest[:8], "big") % self._parts, element
 
     def expand(self, rows):
-        return rows | "Write" >> beam.ParDo(_WriteDuplicatesFn(self._output))
+        return (rows
+                | "KeyByPart" >> beam.Map(self._part)
+                | "GroupByPart" >> beam.GroupByKey()
+                | "WriteParts" >> beam.ParDo(_WriteDuplicatesPart(self._output))
+                | "CountByShard" >> beam.CombinePerKey(_sum_pairs))
 
 
-def _by_shard_index(item):
-    if isinstance(item, ScoredChunk):
-        return item.chunk.shard_index, item
-    return item.shard_index, item
+class PartKeys:
+    """Keys rows by (shard index, part): the part from the shard's part count and a hash of the document."""
 
+    def __init__(self, parts: dict[int, int]):
+        self._parts = parts  # shard index -> parts; 1 where absent (listing errors)
 
-def _chunk_rows(s: ScoredChunk, k: float):
-    """A scored chunk as what its shard's group needs: its chunk row and payload row, keyed by shard."""
-    return s.chunk.shard_index, (chunk_row(s, k), payload_row(s) if s.payload is not None else None)
+    def part(self, index: int, position: int, doc_id: str | None, chunk_index: int = 0) -> tuple[int, int]:
+        return index, part_of(self._parts.get(index, 1), position, doc_id, chunk_index)
+
+    def chunk_rows(self, s: ScoredChunk, k: float):
+        """A scored chunk as what its part's group needs: its chunk row and payload row."""
+        c = s.chunk
+        return (self.part(c.shard_index, c.position, c.doc_id, c.chunk_index),
+                (chunk_row(s, k), payload_row(s) if s.payload is not None else None))
+
+    def document(self, element):
+        key, value = element
+        return self.part(*key), (key, value)
+
+    def dead_letter(self, d: DeadLetter):
+        return self.part(d.shard_index, d.position, d.doc_id), d
+
+    def facts(self, f: DocumentFacts):
+        return self.part(*f.key), f
+
+    def reference(self, s: ScoredChunk):
+        c = s.chunk
+        return self.part(c.shard_index, c.position, c.doc_id, c.chunk_index), (c.position, c.doc_id, c.chunk_index,
+                                                                               s.bits)
 
 
 def _by_document(s: ScoredChunk):
@@ -416,54 +613,55 @@ def _by_document(s: ScoredChunk):
     return (c.shard_index, c.position, c.doc_id), s
 
 
-def _document_by_shard(element):
-    key, numbers = element
-    return key[0], (key, numbers)
-
-
-def _reference_by_shard(s: ScoredChunk):
-    c = s.chunk
-    return c.shard_index, (c.position, c.doc_id, c.chunk_index, s.bits)
-
-
 class WriteManifests(beam.PTransform):
     """(scored chunks, dead letters, ``DocumentFacts``[, the reference model's scored chunks]) in; the chunk,
     document, payload, dead-letter and shard manifests under ``output``; one element out once the shards
     manifest is written.
 
-    ``duplicates``: the rows ``WriteDuplicates`` wrote, for the shards' duplicate counts (none without
-    dedup). ``commit``: per shard, the key and fingerprint its marker records; ``committed``: (shard,
-    index, shard row) of shards already complete, which this run does not read.
+    ``parts``: per shard index, how many part files its manifests are written as (``shard_parts``; 1 where
+    absent). ``duplicates``: (shard, (exact, near)) from ``WriteDuplicates``, for the shards' duplicate
+    counts (none without dedup). ``commit``: per shard, the key and fingerprint its marker records; ``committed``:
+    (shard, index, shard row) of shards already complete, which this run does not read.
     """
 
     def __init__(self, output: str, signal_options: SignalOptions = SignalOptions(),
                  commit: dict[str, dict] | None = None, committed: list[tuple[str, int, dict]] = (),
-                 duplicates: beam.PCollection | None = None):
+                 duplicates: beam.PCollection | None = None, parts: dict[int, int] | None = None):
         super().__init__()
         if not output:
             raise ValueError("output must be a directory path or fsspec URL")
+        if parts and min(parts.values()) < 1:
+            raise ValueError("every shard is written as at least one part")
         self._output = output
         self._signals = signal_options
         self._commit = commit
         self._committed = list(committed)
         self._duplicates = duplicates
+        self._keys = PartKeys(dict(parts or {}))
 
     def expand(self, inputs):
         chunks, dead_letters, facts, *reference = inputs
+        keys = self._keys
         documents = (chunks
                      | "KeyByDocument" >> beam.Map(_by_document)
                      | "DocumentStats" >> beam.CombinePerKey(DocumentStatsFn(self._signals.k))
-                     | "KeyDocumentsByShard" >> beam.Map(_document_by_shard))
-        grouped = {"chunks": chunks | "ChunkRows" >> beam.Map(_chunk_rows, self._signals.k),
+                     | "KeyDocumentsByPart" >> beam.Map(keys.document))
+        grouped = {"chunks": chunks | "ChunkRows" >> beam.Map(keys.chunk_rows, self._signals.k),
                    "documents": documents,
-                   "dead_letter": dead_letters | "KeyDeadLetters" >> beam.Map(_by_shard_index),
-                   "facts": facts | "KeyFacts" >> beam.Map(lambda f: (f.key[0], f))}
+                   "dead_letter": dead_letters | "KeyDeadLetters" >> beam.Map(keys.dead_letter),
+                   "facts": facts | "KeyFacts" >> beam.Map(keys.facts)}
         if reference:
-            grouped["reference"] = reference[0] | "KeyReference" >> beam.Map(_reference_by_shard)
+            grouped["reference"] = reference[0] | "KeyReference" >> beam.Map(keys.reference)
+            grouped["document_reference"] = (reference[0]
+                                             | "KeyReferenceByDocument" >> beam.Map(_by_document)
+                                             | "DocumentReferenceBits" >> beam.CombinePerKey(ReferenceBitsFn())
+                                             | "KeyReferenceByPart" >> beam.Map(keys.document))
         written = (
             grouped
-            | "GroupByShard" >> beam.CoGroupByKey()
-            | "WriteShardFiles" >> beam.ParDo(WriteShardManifests(self._output, self._signals, self._commit))
+            | "GroupByPart" >> beam.CoGroupByKey()
+            | "WritePartFiles" >> beam.ParDo(WritePartFiles(self._output, self._signals))
+            | "GroupPartsByShard" >> beam.GroupByKey()
+            | "CommitShards" >> beam.ParDo(CommitShard(self._output, self._commit))
         )
         pipeline = written.pipeline
         committed = (pipeline | "CommittedShards" >> beam.Create([c[2] for c in self._committed], reshuffle=False))
@@ -474,5 +672,6 @@ class WriteManifests(beam.PTransform):
             (written, committed)
             | "AllShardRows" >> beam.Flatten()
             | "CollectShardRows" >> beam.combiners.ToList()
-            | "WriteShardsTable" >> beam.ParDo(WriteShardsTable(self._output), beam.pvalue.AsList(duplicates))
+            | "WriteShardsTable" >> beam.ParDo(WriteShardsTable(self._output, self._duplicates is not None),
+                                               beam.pvalue.AsDict(duplicates))
         )
