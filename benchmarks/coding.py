@@ -32,9 +32,9 @@ import numpy as np
 import torch
 
 from lmc_audit.pipelines.audit import bundled_sample_dir
-from lmc_audit.transforms import range_coder as rc
-from lmc_audit.transforms.model_handler import CausalLMHandler
-from lmc_audit.transforms.quantize import pick, quantize
+from lmc_audit.transforms.coding import range_coder as rc
+from lmc_audit.transforms.scoring.model_handler import CausalLMHandler
+from lmc_audit.transforms.coding.quantize import pick, quantize
 
 PRECISION = 24
 
@@ -103,9 +103,9 @@ def _sample_items(rows: int):
 
 def bench_stage(rows: int = 16, windows=(4, 8)) -> dict:
     """The scoring forward with and without coding on the same chunks, and decoding their payloads."""
-    from lmc_audit.transforms.decoding import PayloadDecoder
-    from lmc_audit.transforms.model_handler import CodingOptions
-    from lmc_audit.transforms.model_loading import model_fingerprint, resolve_model_dir
+    from lmc_audit.transforms.coding.decoding import PayloadDecoder
+    from lmc_audit.transforms.scoring.model_handler import CodingOptions
+    from lmc_audit.transforms.scoring.model_loading import model_fingerprint, resolve_model_dir
 
     datas, items = _sample_items(rows)
     tokens = rows * 2048

@@ -65,10 +65,10 @@ from apache_beam.metrics.metric import MetricsFilter
 from scipy.stats import binomtest
 
 from lmc_audit.pipelines.default_model.split import list_source_files
-from lmc_audit.transforms import dedup
-from lmc_audit.transforms.dedup import DedupOptions
-from lmc_audit.transforms.document_facts import DocumentDescriber
-from lmc_audit.transforms.find_duplicates import FindDuplicates
+from lmc_audit.transforms.dedup import sketches as dedup
+from lmc_audit.transforms.dedup.sketches import DedupOptions
+from lmc_audit.transforms.documents.document_facts import DocumentDescriber
+from lmc_audit.transforms.dedup.find_duplicates import FindDuplicates
 
 KINDS = ("exact", "whitespace", "edits_5", "edits_15", "shuffled", "prefix_60", "prefix_30")
 TARGET_KINDS = ("exact", "whitespace", "edits_5", "shuffled", "prefix_60")
@@ -258,8 +258,8 @@ METHODS = {
 
 def ncd_study(model: str, copies: int, seed: int, workdir: Path) -> dict:
     from lmc_audit.pipelines.default_model.card import chunk_bits
-    from lmc_audit.transforms.model_loading import resolve_model_dir
-    from lmc_audit.transforms.scoring import ScoreChunks
+    from lmc_audit.transforms.scoring.model_loading import resolve_model_dir
+    from lmc_audit.transforms.scoring.score_chunks import ScoreChunks
 
     docs, origin = build_corpus(60, copies, seed, licensed=30)
     n = DedupOptions().ncd_bytes

@@ -24,7 +24,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from lmc_audit.transforms import schemas
+from lmc_audit.transforms.manifests import schemas
 
 PARTS = 16
 CLUSTER = 50

@@ -32,7 +32,7 @@ from pathlib import Path
 
 import torch
 
-from lmc_audit.transforms.model_handler import CausalLMHandler, LoadedModel, pick_device
+from lmc_audit.transforms.scoring.model_handler import CausalLMHandler, LoadedModel, pick_device
 from lmc_audit.transforms.records import Chunk, TokenizedChunk
 
 GPU_PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L4": 121e12, "A10": 125e12, "T4": 65e12}

@@ -24,13 +24,13 @@ import time
 import torch
 
 from lmc_audit.pipelines.audit import bundled_sample_dir, run
-from lmc_audit.transforms.chunking import split_document
-from lmc_audit.transforms.listing import list_shards
-from lmc_audit.transforms.model_handler import CausalLMHandler, token_logprobs
-from lmc_audit.transforms.model_loading import resolve_model_dir
-from lmc_audit.transforms.readers import READERS
+from lmc_audit.transforms.documents.chunking import split_document
+from lmc_audit.transforms.reading.listing import list_shards
+from lmc_audit.transforms.scoring.model_handler import CausalLMHandler, token_logprobs
+from lmc_audit.transforms.scoring.model_loading import resolve_model_dir
+from lmc_audit.transforms.reading.readers import READERS
 from lmc_audit.transforms.records import Document
-from lmc_audit.transforms.tokenization import ChunkTokenizer, padded_length
+from lmc_audit.transforms.scoring.tokenization import ChunkTokenizer, padded_length
 
 
 def read_chunks(inputs: list[str], chunk_bytes: int) -> list[bytes]:

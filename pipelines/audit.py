@@ -22,21 +22,22 @@ import fsspec
 from apache_beam.options.pipeline_options import GoogleCloudOptions, PipelineOptions, SetupOptions, TestOptions
 
 from lmc_audit.pipelines.run_record import WriteRunRecord, read_record, verification_message, write_record
-from lmc_audit.transforms.chunking import DEFAULT_CHUNK_BYTES, ChunkDocuments
-from lmc_audit.transforms.listing import FORMATS, is_inside, list_shards, normalize_location
-from lmc_audit.transforms.decoding import VerifyPayloads, verification_buckets
-from lmc_audit.transforms.dedup import NORMALIZERS, DedupOptions
-from lmc_audit.transforms.find_duplicates import FindDuplicates
-from lmc_audit.transforms.manifests import LoadCommittedSketches, WriteDuplicates, WriteManifests, shard_parts
-from lmc_audit.transforms.model_handler import CodingOptions
-from lmc_audit.transforms.model_loading import (BUNDLED, model_fingerprint, resolve_model_dir,
+from lmc_audit.transforms.documents.chunking import DEFAULT_CHUNK_BYTES, ChunkDocuments
+from lmc_audit.transforms.reading.listing import FORMATS, is_inside, list_shards, normalize_location
+from lmc_audit.transforms.coding.decoding import VerifyPayloads, verification_buckets
+from lmc_audit.transforms.dedup.sketches import NORMALIZERS, DedupOptions
+from lmc_audit.transforms.dedup.find_duplicates import FindDuplicates
+from lmc_audit.transforms.manifests.files import shard_parts
+from lmc_audit.transforms.manifests.state import MANIFEST_DIRS, LoadCommittedSketches, plan_incremental, shard_key
+from lmc_audit.transforms.manifests.write import WriteDuplicates, WriteManifests
+from lmc_audit.transforms.scoring.model_handler import CodingOptions
+from lmc_audit.transforms.scoring.model_loading import (BUNDLED, model_fingerprint, resolve_model_dir,
                                                 validate_model_spec)
-from lmc_audit.transforms.read_corpus import DEAD_LETTER, FACTS, NAMESPACE, ReadCorpus
-from lmc_audit.transforms.scoring import ScoreChunks
-from lmc_audit.transforms.signals import SignalOptions
+from lmc_audit.transforms.reading.read_corpus import DEAD_LETTER, FACTS, NAMESPACE, ReadCorpus
+from lmc_audit.transforms.scoring.score_chunks import ScoreChunks
+from lmc_audit.transforms.scoring.signals import SignalOptions
 
 VERIFY_ROWS = 64  # chunks per verification decode group
-MANIFEST_DIRS = ("chunks", "documents", "shards", "dead_letter", "payloads", "duplicates")
 
 
 def bundled_sample_dir() -> str:
@@ -302,7 +303,7 @@ def leave_out_output(shards: list, output: str) -> list:
 def check_first_records(shards: list, args: argparse.Namespace, sample: int = 50) -> None:
     """Reads the first records of the first shard of each format: options that fit no record fail now,
     saying what the records hold, instead of dead-lettering every record after the whole job ran."""
-    from lmc_audit.transforms.readers import READERS
+    from lmc_audit.transforms.reading.readers import READERS
     from lmc_audit.transforms.records import DeadLetter, ReadTask
 
     seen_formats = set()
@@ -397,63 +398,6 @@ def options_fingerprint(args: argparse.Namespace, model_fingerprint: str) -> str
 
 def model_fingerprint_of(spec: str) -> str:
     return model_fingerprint(resolve_model_dir(spec))
-
-
-def shard_key(path: str) -> str:
-    """fsspec's ``ukey``: size and modification time locally, the ETag / checksum on object stores."""
-    fs, p = fsspec.core.url_to_fs(path)
-    return str(fs.ukey(p))
-
-
-def plan_incremental(output: str, shards: list, fingerprint: str, listing_errors: list | None = None,
-                     max_removed_fraction: float = 0.5) -> tuple[dict, list, list]:
-    """(commit info per shard, shards to read, (shard, index, row) of committed shards kept).
-
-    Deleting needs proof: manifests of a shard gone from the input are removed only when the listing
-    succeeded for every input and fewer than ``max_removed_fraction`` of the audited shards are gone;
-    otherwise this fails with what it found and deletes nothing."""
-    from lmc_audit.transforms.manifests import STATE_COMMITS, shard_file_prefix
-
-    fs, root = fsspec.core.url_to_fs(output)
-    root = root.rstrip("/")
-    commit = {s.path: {"key": shard_key(s.path), "fingerprint": fingerprint} for s in shards}
-    markers = {}
-    if fs.exists(f"{root}/{STATE_COMMITS}"):
-        for path in sorted(fs.find(f"{root}/{STATE_COMMITS}")):
-            if path.endswith(".json"):
-                marker = json.loads(fs.cat_file(path))
-                markers[marker["shard"]] = marker
-    to_read, kept = [], []
-    for s in shards:
-        m = markers.get(s.path)
-        if m and m.get("key") == commit[s.path]["key"] and m.get("fingerprint") == fingerprint:
-            kept.append((s.path, s.index, m["row"]))
-        else:
-            to_read.append(s)
-    # Shards gone from the input: their files go, once the listing proves they are gone.
-    gone = sorted(set(markers) - {s.path for s in shards})
-    if gone and listing_errors:
-        raise SystemExit(
-            f"lmc-audit: --incremental: {len(gone)} audited shards are not in this listing, and part of the input "
-            f"could not be listed ({listing_errors[0].shard}: {listing_errors[0].reason}); nothing was deleted. "
-            "Fix the input paths (or, to drop those shards, list the input without errors).")
-    if gone and len(gone) > max_removed_fraction * len(markers):
-        raise SystemExit(
-            f"lmc-audit: --incremental: {len(gone)} of {len(markers)} audited shards are gone from the input "
-            f"(e.g. {gone[0]}), more than --max-removed-fraction {max_removed_fraction}; nothing was deleted. "
-            "Was the input renamed? Pass --allow-removal to drop them.")
-    # Files of a shard gone, or about to be audited again (its part count may change): removed first.
-    # A shard's commit marker goes with them, so a run killed after this audits it again.
-    stale = {shard_file_prefix(path) for path in gone} | {shard_file_prefix(s.path) for s in to_read}
-    for d in (*MANIFEST_DIRS, "_state/sketches", STATE_COMMITS):
-        folder = f"{root}/{d}"
-        if not fs.exists(folder):
-            continue
-        for path in fs.ls(folder, detail=False):
-            name = path.rsplit("/", 1)[-1]
-            if name.startswith("part-") and name[:len("part-") + 16] in stale:
-                fs.rm(path)
-    return commit, to_read, kept
 
 
 def run(argv: list[str] | None = None, test_pipeline: beam.Pipeline | None = None) -> dict:
@@ -596,7 +540,7 @@ def fail_in_one_line(exc: BaseException, verbose: bool) -> None:
     import tempfile
     import traceback
 
-    from lmc_audit.transforms.manifests import WRITE_ERROR
+    from lmc_audit.transforms.manifests.files import WRITE_ERROR
 
     text = "".join(traceback.format_exception(exc))
     found = re.search(re.escape(WRITE_ERROR) + r" [^\n]*", text)

@@ -27,9 +27,9 @@ import fsspec
 import pyarrow.compute as pc
 import pyarrow.dataset as ds
 
-from lmc_audit.transforms.decoding import PayloadDecoder, chunk_name
-from lmc_audit.transforms.model_loading import BUNDLED
-from lmc_audit.transforms.payloads import PayloadError
+from lmc_audit.transforms.coding.decoding import PayloadDecoder, chunk_name
+from lmc_audit.transforms.scoring.model_loading import BUNDLED
+from lmc_audit.transforms.coding.payloads import PayloadError
 
 
 def safe_name(doc_id: str, limit: int = 200) -> str:

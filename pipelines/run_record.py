@@ -24,8 +24,8 @@ from importlib import metadata
 import apache_beam as beam
 import fsspec
 
-from lmc_audit.transforms.manifests import write_bytes
-from lmc_audit.transforms.signals import SIGNALS
+from lmc_audit.transforms.manifests.files import write_bytes
+from lmc_audit.transforms.scoring.signals import SIGNALS
 
 PACKAGES = ("lmc-audit", "apache-beam", "torch", "transformers", "tokenizers", "safetensors",
             "pyarrow", "fsspec", "numpy", "zstandard")
@@ -69,7 +69,7 @@ class SummarizeVerification(beam.CombineFn):
 
 def payload_scheme(payload: bytes | None) -> str:
     """'forward', 'blocks' or 'stored': how a payload was coded (for the run record)."""
-    from lmc_audit.transforms.payloads import METHOD_STORED, unpack
+    from lmc_audit.transforms.coding.payloads import METHOD_STORED, unpack
 
     header, _ = unpack(payload)
     return "stored" if header.method == METHOD_STORED else header.scheme

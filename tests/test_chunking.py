@@ -10,7 +10,7 @@ import pytest
 from apache_beam.testing.test_pipeline import TestPipeline
 from apache_beam.testing.util import assert_that, equal_to
 
-from lmc_audit.transforms.chunking import ChunkDocuments, split_document
+from lmc_audit.transforms.documents.chunking import ChunkDocuments, split_document
 from lmc_audit.transforms.records import Document
 
 

@@ -17,14 +17,14 @@ import torch
 
 from lmc_audit.pipelines.audit import bundled_sample_dir, run
 from lmc_audit.pipelines.decode import run as decode, safe_name
-from lmc_audit.transforms.block_coding import MIN_TOKENS, BlockCoder, ReplayDecoder
-from lmc_audit.transforms.decoding import PayloadDecoder, selected_for_verification
-from lmc_audit.transforms.model_handler import CausalLMHandler, CodingOptions, load_causal_lm
-from lmc_audit.transforms.model_loading import model_fingerprint, resolve_model_dir
-from lmc_audit.transforms.payloads import HEADER_BYTES, PayloadError, Recipe, pack, unpack
-from lmc_audit.transforms.replay_check import compare_replay
+from lmc_audit.transforms.coding.block_coding import MIN_TOKENS, BlockCoder, ReplayDecoder
+from lmc_audit.transforms.coding.decoding import PayloadDecoder, selected_for_verification
+from lmc_audit.transforms.scoring.model_handler import CausalLMHandler, CodingOptions, load_causal_lm
+from lmc_audit.transforms.scoring.model_loading import model_fingerprint, resolve_model_dir
+from lmc_audit.transforms.coding.payloads import HEADER_BYTES, PayloadError, Recipe, pack, unpack
+from lmc_audit.transforms.coding.replay_check import compare_replay
 from lmc_audit.transforms.records import Chunk, TokenizedChunk
-from lmc_audit.transforms.tokenization import ChunkTokenizer, padded_length
+from lmc_audit.transforms.scoring.tokenization import ChunkTokenizer, padded_length
 
 
 def code_and_decode(model_dir: str, datas: list[bytes], rows: int = 4, block: int = 16, batch=None,

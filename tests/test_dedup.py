@@ -12,8 +12,8 @@ import pyarrow.dataset as ds
 import pytest
 
 from lmc_audit.pipelines.audit import bundled_sample_dir, run
-from lmc_audit.transforms import dedup
-from lmc_audit.transforms.dedup import DedupOptions, Edge
+from lmc_audit.transforms.dedup import sketches as dedup
+from lmc_audit.transforms.dedup.sketches import DedupOptions, Edge
 
 
 def test_normalized_hash_ignores_case_width_and_whitespace():
@@ -188,7 +188,7 @@ def _edit_words(text: str, n: int, rng: random.Random) -> str:
 def _bundled_model():
     from transformers import AutoModelForCausalLM
 
-    from lmc_audit.transforms.model_loading import resolve_model_dir
+    from lmc_audit.transforms.scoring.model_loading import resolve_model_dir
 
     return AutoModelForCausalLM.from_pretrained(resolve_model_dir("bundled")).eval()
 
@@ -305,7 +305,7 @@ def test_connected_components_match_union_find_whatever_the_rounds(tmp_path):
     components' smallest nodes for any number of rounds; enough rounds leave nothing to gather."""
     import apache_beam as beam
 
-    from lmc_audit.transforms.components import ConnectedComponents, UnionFind
+    from lmc_audit.transforms.dedup.components import ConnectedComponents, UnionFind
 
     rng = random.Random(5)
     path = list(range(300))
@@ -339,7 +339,7 @@ def test_find_duplicates_clusters_equal_union_find_over_its_edges(tmp_path):
     same verified edges: exact copies, near copies and distinct documents."""
     import apache_beam as beam
 
-    from lmc_audit.transforms.find_duplicates import FindDuplicates
+    from lmc_audit.transforms.dedup.find_duplicates import FindDuplicates
 
     opts = DedupOptions()
     hasher = dedup.MinHasher(opts.num_perm)

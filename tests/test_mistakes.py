@@ -12,7 +12,7 @@ import pytest
 
 from lmc_audit.pipelines.audit import fail_in_one_line, run
 from lmc_audit.pipelines.decode import run as decode
-from lmc_audit.transforms.manifests import OutputWriteError, write_bytes
+from lmc_audit.transforms.manifests.files import OutputWriteError, write_bytes
 
 from conftest import write_jsonl
 
@@ -259,7 +259,7 @@ def test_model_cache_is_atomic(tmp_path, tiny_byte_model):
     """A model given as a URL is fetched into the cache whole or not at all (staging folder renamed)."""
     import fsspec
 
-    from lmc_audit.transforms.model_loading import resolve_model_dir
+    from lmc_audit.transforms.scoring.model_loading import resolve_model_dir
 
     mem = fsspec.filesystem("memory")
     for p in Path(tiny_byte_model).iterdir():

@@ -14,7 +14,7 @@ import pytest
 
 from lmc_audit.pipelines.audit import bundled_sample_dir, run
 from lmc_audit.pipelines.cli import main as cli_main
-from lmc_audit.transforms import schemas
+from lmc_audit.transforms.manifests import schemas
 
 
 def manifest(out: Path, name: str) -> list[dict]:

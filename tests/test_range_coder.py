@@ -10,8 +10,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from lmc_audit.transforms import range_coder as rc
-from lmc_audit.transforms.quantize import lookup, pick, quantize
+from lmc_audit.transforms.coding import range_coder as rc
+from lmc_audit.transforms.coding.quantize import lookup, pick, quantize
 
 
 def tables_and_symbols(freq_rows: list[list[int]], picks: list[int], precision: int):

@@ -17,9 +17,9 @@ import zstandard
 from apache_beam.testing.test_pipeline import TestPipeline
 from apache_beam.testing.util import assert_that
 
-from lmc_audit.transforms.listing import detect, list_shards
-from lmc_audit.transforms.read_corpus import DEAD_LETTER, ReadCorpus
-from lmc_audit.transforms.readers import JsonlReader
+from lmc_audit.transforms.reading.listing import detect, list_shards
+from lmc_audit.transforms.reading.read_corpus import DEAD_LETTER, ReadCorpus
+from lmc_audit.transforms.reading.readers import JsonlReader
 from lmc_audit.transforms.records import ShardSpec
 
 COMPRESSORS = {
@@ -82,7 +82,7 @@ def test_parquet_row_groups_and_columns(tmp_path):
     path = tmp_path / "docs.parquet"
     table = pa.table({"content": [f"row {i} text" for i in range(25)], "key": [f"k{i}" for i in range(25)]})
     pq.write_table(table, path, row_group_size=10)  # three row groups, three read tasks
-    tasks = __import__("lmc_audit.transforms.readers", fromlist=["ParquetReader"]).ParquetReader(
+    tasks = __import__("lmc_audit.transforms.reading.readers", fromlist=["ParquetReader"]).ParquetReader(
         text_field="content").plan(list_shards([str(path)])[0][0], 1 << 20)
     assert [(t.row_group, t.first_row) for t in tasks] == [(0, 0), (1, 10), (2, 20)]
     def check_keyed(docs, dead):
@@ -215,7 +215,7 @@ def test_large_text_file_is_read_in_segments_on_chunk_boundaries(tmp_path):
     path = tmp_path / "big.txt"
     path.write_bytes(data)
     shard = ShardSpec(0, str(path), "text", None, len(data))
-    from lmc_audit.transforms.readers import TextReader
+    from lmc_audit.transforms.reading.readers import TextReader
 
     segments = list(TextReader(chunk_bytes=2048, segment_bytes=100_000).read(
         __import__("lmc_audit.transforms.records", fromlist=["ReadTask"]).ReadTask(shard)))

@@ -91,7 +91,7 @@ def _synthetic_manifests(root: Path, shards: int, docs: int, cluster: int) -> li
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from lmc_audit.transforms import schemas
+    from lmc_audit.transforms.manifests import schemas
 
     def table(schema: pa.Schema, rows: list[dict]) -> pa.Table:
         filler = {pa.string(): "", pa.int64(): 0, pa.int32(): 0, pa.float64(): 0.0, pa.bool_(): False,

@@ -12,7 +12,7 @@ from apache_beam.testing.util import assert_that, equal_to
 
 from lmc_audit.pipelines import audit, cli, run_record
 from lmc_audit.pipelines.run_record import SummarizeVerification
-from lmc_audit.transforms.decoding import PayloadDecoder, chunk_name
+from lmc_audit.transforms.coding.decoding import PayloadDecoder, chunk_name
 
 
 def test_verification_summary_counts_and_names_failures_in_order():

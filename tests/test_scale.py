@@ -11,9 +11,10 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from lmc_audit.transforms import dedup, schemas
-from lmc_audit.transforms.document_facts import DocumentDescriber
-from lmc_audit.transforms.manifests import ROW_GROUP_ROWS, write_rows
+from lmc_audit.transforms.dedup import sketches as dedup
+from lmc_audit.transforms.manifests import schemas
+from lmc_audit.transforms.documents.document_facts import DocumentDescriber
+from lmc_audit.transforms.manifests.files import ROW_GROUP_ROWS, write_rows
 
 TEXTS = ["Héllo Wörld  ﬁne\n\tTEXT " * 300 + "end", "a", "two words", "ＨＥＬＬＯ café  x" * 1000, "  ",
          "é" * 5000, "no-space-at-all-" * 200,
@@ -123,7 +124,7 @@ def test_listing_takes_sizes_from_the_listing_call(tmp_path):
     """No per-file request: listing works with the filesystem's per-file calls (size, isfile) broken."""
     import fsspec
 
-    from lmc_audit.transforms.listing import list_shards
+    from lmc_audit.transforms.reading.listing import list_shards
 
     mem = fsspec.filesystem("memory")
     for i in range(50):
@@ -147,7 +148,7 @@ def test_listing_takes_sizes_from_the_listing_call(tmp_path):
 
 
 def test_handler_reports_the_bytes_of_text_it_scores():
-    from lmc_audit.transforms.model_handler import CausalLMHandler
+    from lmc_audit.transforms.scoring.model_handler import CausalLMHandler
     from lmc_audit.transforms.records import Chunk, TokenizedChunk
 
     items = [TokenizedChunk(Chunk(f"d{i}", "s", 0, i, 0, 0, b"x" * (10 + i), b"", 0, 0, 0), (1,) * 3, 256, 64)
@@ -164,7 +165,7 @@ def test_a_shard_written_in_parts_holds_the_same_rows(tmp_path, tiny_byte_model)
     import pyarrow.dataset as ds
 
     from lmc_audit.pipelines.audit import run
-    from lmc_audit.transforms.manifests import SLICE_CHUNKS, part_file_name, part_of, shard_file_prefix, shard_parts
+    from lmc_audit.transforms.manifests.files import SLICE_CHUNKS, part_file_name, part_of, shard_file_prefix, shard_parts
 
     corpus = tmp_path / "corpus"
     corpus.mkdir()
@@ -223,7 +224,7 @@ def test_a_long_document_spreads_over_its_shards_parts():
     much more than its share."""
     from collections import Counter
 
-    from lmc_audit.transforms.manifests import SLICE_CHUNKS, part_of, shard_parts
+    from lmc_audit.transforms.manifests.files import SLICE_CHUNKS, part_of, shard_parts
 
     parts = shard_parts(500 << 20, False)
     assert parts == 8

@@ -19,10 +19,10 @@ from apache_beam.testing.test_pipeline import TestPipeline
 from apache_beam.testing.util import assert_that, equal_to
 from transformers import AutoModelForCausalLM
 
-from lmc_audit.transforms.model_handler import CausalLMHandler
+from lmc_audit.transforms.scoring.model_handler import CausalLMHandler
 from lmc_audit.transforms.records import Chunk, ScoredChunk, TokenizedChunk
-from lmc_audit.transforms.scoring import ScoreChunks, _failed_batch_to_rows
-from lmc_audit.transforms.tokenization import ChunkTokenizer, padded_length
+from lmc_audit.transforms.scoring.score_chunks import ScoreChunks, _failed_batch_to_rows
+from lmc_audit.transforms.scoring.tokenization import ChunkTokenizer, padded_length
 
 SIZES = [1, 10, 63, 64, 65, 300, 700, 1500, 2048, 2048]
 

@@ -12,10 +12,10 @@ import torch
 
 from conftest import MEMORIZED, UNSEEN
 from lmc_audit.pipelines.audit import run
-from lmc_audit.transforms import signals
-from lmc_audit.transforms.manifests import chunk_row, document_row_of_chunks
+from lmc_audit.transforms.scoring import signals
+from lmc_audit.transforms.manifests.write import chunk_row, document_row_of_chunks
 from lmc_audit.transforms.records import Chunk, ScoredChunk
-from lmc_audit.transforms.signals import SignalOptions
+from lmc_audit.transforms.scoring.signals import SignalOptions
 
 
 def manifest(out: Path, name: str) -> list[dict]:

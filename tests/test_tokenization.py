@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from lmc_audit.transforms.tokenization import ChunkTokenizer, padded_length
+from lmc_audit.transforms.scoring.tokenization import ChunkTokenizer, padded_length
 
 
 def test_byte_level_model_sees_bytes(tiny_byte_model):

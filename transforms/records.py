@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from lmc_audit.transforms.signals import SignalSummary
+    from lmc_audit.transforms.scoring.signals import SignalSummary
 
 
 @dataclass(frozen=True)

@@ -16,10 +16,10 @@ import time
 from pathlib import Path
 
 from lmc_audit.pipelines.default_model.split import DOCS_ROOT, list_source_files
-from lmc_audit.transforms.baselines import BaselineCompressors
-from lmc_audit.transforms.model_handler import CausalLMHandler
+from lmc_audit.transforms.documents.baselines import BaselineCompressors
+from lmc_audit.transforms.scoring.model_handler import CausalLMHandler
 from lmc_audit.transforms.records import Chunk, TokenizedChunk
-from lmc_audit.transforms.tokenization import ChunkTokenizer, padded_length
+from lmc_audit.transforms.scoring.tokenization import ChunkTokenizer, padded_length
 
 
 def evaluate(model_dir: str, files, chunk_bytes: int = 2048, batch_rows: int = 16) -> dict:

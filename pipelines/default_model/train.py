@@ -46,7 +46,7 @@ def build_model(hidden: int, layers: int, heads: int, ffn: int, max_positions: i
         pad_token_id=BOS_ID,
         attn_implementation="sdpa",
     )
-    # Read by lmc_audit.transforms.tokenization: this model sees raw bytes.
+    # Read by lmc_audit.transforms.scoring.tokenization: this model sees raw bytes.
     config.lmc_byte_level = True
     return LlamaForCausalLM(config)
 

@@ -94,7 +94,7 @@ class Recipe:
         import torch
         import transformers
 
-        from lmc_audit.transforms.exact_attention import VERSION as ATTENTION
+        from lmc_audit.transforms.scoring.exact_attention import VERSION as ATTENTION
 
         device = torch.device(device)
         name, capability, cuda, cublas = torch.backends.cpu.get_cpu_capability(), "", "", ""

@@ -15,14 +15,14 @@ import apache_beam as beam
 import numpy as np
 from apache_beam.metrics import Metrics
 
-from lmc_audit.transforms.block_coding import BlockCoder, DecodeStats, NgramGuesser, ReplayDecoder
-from lmc_audit.transforms.model_handler import LoadedModel, load_causal_lm, pick_device
-from lmc_audit.transforms.model_loading import model_fingerprint, resolve_model_dir
-from lmc_audit.transforms.payloads import (METHOD_STORED, SCHEME_BLOCKS, Header, PayloadError, Recipe, crc32,
+from lmc_audit.transforms.coding.block_coding import BlockCoder, DecodeStats, NgramGuesser, ReplayDecoder
+from lmc_audit.transforms.scoring.model_handler import LoadedModel, load_causal_lm, pick_device
+from lmc_audit.transforms.scoring.model_loading import model_fingerprint, resolve_model_dir
+from lmc_audit.transforms.coding.payloads import (METHOD_STORED, SCHEME_BLOCKS, Header, PayloadError, Recipe, crc32,
                                            unpack)
 from lmc_audit.transforms.progress import Progress
 from lmc_audit.transforms.records import Chunk, ScoredChunk
-from lmc_audit.transforms.tokenization import ChunkTokenizer
+from lmc_audit.transforms.scoring.tokenization import ChunkTokenizer
 
 NAMESPACE = "lmc_audit"
 log = logging.getLogger(__name__)

@@ -23,163 +23,26 @@ write produces the same bytes.
 from __future__ import annotations
 
 import hashlib
-import json
 from fractions import Fraction
 from array import array
 from collections.abc import Iterable, Iterator
 
 import apache_beam as beam
-import fsspec
-import pyarrow as pa
-import pyarrow.parquet as pq
 
 import numpy as np
 
-from lmc_audit.transforms.progress import Progress
-from lmc_audit.transforms import dedup, payloads, schemas, signals
-from lmc_audit.transforms.document_facts import DocumentDescriber, DocumentFacts
-from lmc_audit.transforms.document_stats import DocKey, DocumentStatsFn
+from lmc_audit.transforms.coding import payloads
+from lmc_audit.transforms.manifests import schemas
+from lmc_audit.transforms.manifests.files import (EMPTY, part_file_name, part_name, part_of, remove_file,
+                                                  write_rows)
+from lmc_audit.transforms.manifests.state import STATE_SKETCHES, sketch_row, write_commit_marker
+from lmc_audit.transforms.scoring import signals
+from lmc_audit.transforms.documents.document_facts import DocumentDescriber, DocumentFacts
+from lmc_audit.transforms.documents.document_stats import DocKey, DocumentStatsFn
 from lmc_audit.transforms.records import DeadLetter, ScoredChunk
-from lmc_audit.transforms.signals import SignalOptions
+from lmc_audit.transforms.scoring.signals import SignalOptions
 
-STATE_SKETCHES = "_state/sketches"
-STATE_COMMITS = "_state/commits"
 QUANTILES = (("p05", 0.05), ("p25", 0.25), ("median", 0.5), ("p75", 0.75), ("p95", 0.95))
-
-
-def part_name(index: int) -> str:
-    return f"part-{index:05d}.parquet"
-
-
-def shard_part_name(shard: str) -> str:
-    """A shard's commit marker name (``.json``): stable when other shards come or go (incremental runs)."""
-    return f"part-{hashlib.sha1(shard.encode()).hexdigest()[:16]}.parquet"
-
-
-def shard_file_prefix(shard: str) -> str:
-    """What every manifest file of a shard's parts starts with."""
-    return shard_part_name(shard)[:-len(".parquet")]
-
-
-def part_file_name(shard: str, part: int) -> str:
-    return f"{shard_file_prefix(shard)}-{part:05d}.parquet"
-
-
-PART_BYTES = 64 << 20  # default text bytes per part file: what one writer holds the rows of
-COMPRESSED_EXPANSION = 4  # a compressed file (or Parquet) is counted at this many times its size
-SLICE_CHUNKS = 1024  # a document's chunks go to parts in slices of this many
-
-
-def shard_parts(size: int, compressed: bool, part_bytes: int = PART_BYTES) -> int:
-    """How many part files a shard of ``size`` listed bytes is written as: from the listing alone."""
-    return max(1, -(-size * (COMPRESSED_EXPANSION if compressed else 1) // part_bytes))
-
-
-def part_of(parts: int, position: int, doc_id: str | None, chunk_index: int = 0) -> int:
-    """The part a document's row (and its chunks' rows, by slice) goes to: a hash, so that parts fill
-    evenly whatever the order or the sizes of the documents."""
-    if parts <= 1:
-        return 0
-    key = f"{position}\0{doc_id}\0{chunk_index // SLICE_CHUNKS}".encode()
-    return int.from_bytes(hashlib.sha1(key).digest()[:8], "big") % parts
-
-
-EMPTY = "empty.parquet"
-
-
-ROW_GROUP_ROWS = 1 << 16  # rows per Parquet row group: what the writer holds as Arrow at once
-
-
-def write_rows(output: str, manifest: str, name: str, rows: Iterable[dict], schema: pa.Schema) -> None:
-    """Streams rows into ``<manifest>/<name>`` through ``pq.ParquetWriter``, one row group per
-    ``ROW_GROUP_ROWS`` rows, so that no whole table is built. The file appears whole or not at all:
-    written under a temporary name and renamed (local), or uploaded in parts that are committed at
-    close and discarded on error (object stores)."""
-    fs, root = fsspec.core.url_to_fs(output)
-    folder = f"{root.rstrip('/')}/{manifest}" if manifest else root.rstrip("/")
-    target = f"{folder}/{name}"
-    protocol = fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
-    local = protocol in ("file", "local")
-    path = f"{folder}/.{name}.tmp" if local else target
-    f = None
-    count = 0
-    try:
-        fs.makedirs(folder, exist_ok=True)
-        f = fs.open(path, "wb")
-        with pq.ParquetWriter(f, schema, compression="zstd") as writer:
-            batch: list[dict] = []
-            for row in rows:
-                batch.append(row)
-                if len(batch) == ROW_GROUP_ROWS:
-                    writer.write_table(pa.Table.from_pylist(batch, schema=schema))
-                    count, batch = count + len(batch), []
-            if batch or count == 0:
-                writer.write_table(pa.Table.from_pylist(batch, schema=schema))
-                count += len(batch)
-        f.close()
-        if local:
-            fs.mv(path, target)
-    except Exception as exc:
-        _discard(fs, f, path if local else None)
-        raise OutputWriteError(f"{WRITE_ERROR} {target}: {type(exc).__name__}: {exc}") from exc
-    Progress.add("writing", items=count)
-
-
-def _discard(fs, f, tmp: str | None) -> None:
-    """Leaves nothing that looks like a manifest file after a failed write."""
-    try:
-        if f is not None and not f.closed:
-            discard = getattr(f, "discard", None)
-            if discard is not None and tmp is None:
-                discard()  # object stores: abort the upload
-                f.closed = True  # nothing left to flush
-            else:
-                f.close()
-        if tmp and fs.exists(tmp):
-            fs.rm(tmp)
-    except Exception:
-        pass
-
-
-WRITE_ERROR = "lmc-audit cannot write"  # marks the one-line message `lmc-audit run` prints for it
-
-
-class OutputWriteError(OSError):
-    """A manifest file could not be written; the message names the path and the cause."""
-
-
-def write_bytes(output: str, manifest: str, name: str, data: bytes) -> None:
-    """Whole-file write: renamed into place locally, one PUT on object stores. ``manifest`` "" is the root.
-
-    A failed write leaves no partial file behind (the temporary is removed) and raises
-    ``OutputWriteError`` naming the path and the cause."""
-    fs, root = fsspec.core.url_to_fs(output)
-    folder = f"{root.rstrip('/')}/{manifest}" if manifest else root.rstrip("/")
-    target = f"{folder}/{name}"
-    protocol = fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
-    tmp = f"{folder}/.{name}.tmp" if protocol in ("file", "local") else None
-    try:
-        fs.makedirs(folder, exist_ok=True)
-        if tmp:
-            fs.pipe_file(tmp, data)
-            fs.mv(tmp, target)
-        else:
-            fs.pipe_file(target, data)
-    except Exception as exc:
-        if tmp:
-            try:
-                if fs.exists(tmp):
-                    fs.rm(tmp)
-            except Exception:
-                pass
-        raise OutputWriteError(f"{WRITE_ERROR} {target}: {type(exc).__name__}: {exc}") from exc
-
-
-def remove_file(output: str, manifest: str, name: str) -> None:
-    fs, root = fsspec.core.url_to_fs(output)
-    path = f"{root.rstrip('/')}/{manifest}/{name}"
-    if fs.exists(path):
-        fs.rm(path)
 
 
 def _ratio(numerator: float | None, denominator: float) -> float | None:
@@ -386,42 +249,6 @@ def payload_row(s: ScoredChunk) -> dict:
             "method": method, "recipe": s.recipe or "stored", "payload": s.payload}
 
 
-def sketch_row(k: dedup.DocSketch) -> dict:
-    return {"doc_id": k.key[2], "position": k.key[1], "shard": k.shard, "bytes": k.bytes,
-            "normalized_hash": k.normalized_hash, "shingles": k.shingles, "signature": k.signature, "ncd_text": k.ncd_text,
-            "lines": k.lines}
-
-
-class _ReadSketches(beam.DoFn):
-    def __init__(self, output: str):
-        self._output = output
-
-    def process(self, element: tuple[str, int]) -> Iterator[dedup.DocSketch]:
-        shard, index = element
-        fs, root = fsspec.core.url_to_fs(self._output)
-        folder = f"{root.rstrip('/')}/{STATE_SKETCHES}"
-        for path in sorted(fs.glob(f"{folder}/{shard_file_prefix(shard)}-*.parquet")):  # one part at a time
-            with fs.open(path, "rb") as f:
-                rows = pq.read_table(f, schema=schemas.SKETCHES).to_pylist()
-            for r in rows:
-                yield dedup.DocSketch((index, r["position"], r["doc_id"]), r["shard"], r["bytes"],
-                                      r["normalized_hash"], r["shingles"], r["signature"], r["ncd_text"], r["lines"])
-
-
-class LoadCommittedSketches(beam.PTransform):
-    """Sketches of the shards an incremental run skips, read back from ``_state/sketches``."""
-
-    def __init__(self, output: str, committed: list[tuple[str, int, dict]]):
-        super().__init__()
-        self._output = output
-        self._shards = [(shard, index) for shard, index, _ in committed]
-
-    def expand(self, pbegin):
-        return (pbegin
-                | "CommittedShards" >> beam.Create(self._shards, reshuffle=False)
-                | "ReadSketches" >> beam.ParDo(_ReadSketches(self._output)))
-
-
 def dead_letter_row(d: DeadLetter) -> dict:
     return {"shard": d.shard, "position": d.position, "doc_id": d.doc_id, "reason": d.reason}
 
@@ -490,9 +317,7 @@ class CommitShard(beam.DoFn):
             totals.merge(part)
         row = totals.row(shard)
         # The commit marker comes last: a shard is complete once it exists (incremental runs skip it).
-        marker = {"shard": shard, **self._commit.get(shard, {}), "row": row}
-        write_bytes(self._output, STATE_COMMITS, shard_part_name(shard).replace(".parquet", ".json"),
-                    json.dumps(marker, sort_keys=True).encode())
+        write_commit_marker(self._output, shard, self._commit.get(shard, {}), row)
         yield row
 
 

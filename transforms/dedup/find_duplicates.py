@@ -12,10 +12,10 @@ from collections.abc import Iterable, Iterator
 import apache_beam as beam
 from apache_beam.metrics import Metrics
 
-from lmc_audit.transforms.components import ConnectedComponents
+from lmc_audit.transforms.dedup.components import ConnectedComponents
 from lmc_audit.transforms.progress import Progress
-from lmc_audit.transforms import dedup
-from lmc_audit.transforms.dedup import DedupOptions, DocSketch, Edge
+from lmc_audit.transforms.dedup import sketches as dedup
+from lmc_audit.transforms.dedup.sketches import DedupOptions, DocSketch, Edge
 from lmc_audit.transforms.records import Chunk, ScoredChunk
 
 NAMESPACE = "lmc_audit"

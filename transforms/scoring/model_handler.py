@@ -46,15 +46,15 @@ from apache_beam.metrics import Metrics
 from apache_beam.utils import shared
 from apache_beam.ml.inference.base import ModelHandler
 
-from lmc_audit.transforms import exact_attention
-from lmc_audit.transforms.block_coding import MIN_TOKENS, BlockCoder, code_symbols, encode_streams, scoring_logits
-from lmc_audit.transforms.model_loading import resolve_model_dir
-from lmc_audit.transforms.payloads import (METHOD_MODEL, SCHEME_BLOCKS, SCHEME_FORWARD, Header, Recipe, crc32,
+from lmc_audit.transforms.scoring import exact_attention
+from lmc_audit.transforms.coding.block_coding import MIN_TOKENS, BlockCoder, code_symbols, encode_streams, scoring_logits
+from lmc_audit.transforms.scoring.model_loading import resolve_model_dir
+from lmc_audit.transforms.coding.payloads import (METHOD_MODEL, SCHEME_BLOCKS, SCHEME_FORWARD, Header, Recipe, crc32,
                                            pack)
 from lmc_audit.transforms.progress import Progress
 from lmc_audit.transforms.records import ScoredChunk, TokenizedChunk
-from lmc_audit.transforms import signals
-from lmc_audit.transforms.tokenization import teacher_forcing
+from lmc_audit.transforms.scoring import signals
+from lmc_audit.transforms.scoring.tokenization import teacher_forcing
 
 NAMESPACE = "lmc_audit"
 log = logging.getLogger(__name__)
@@ -355,7 +355,7 @@ def _load_causal_lm(model_spec: str, device: str, dtype: str, trust_remote_code:
 
 def choose_scheme(lm: LoadedModel, wanted: str, min_tokens: int) -> tuple[str, str]:
     """(scheme, what the check found): forward where replay reproduces the scoring forward here."""
-    from lmc_audit.transforms.replay_check import check_replay
+    from lmc_audit.transforms.coding.replay_check import check_replay
 
     if wanted == SCHEME_BLOCKS:
         return SCHEME_BLOCKS, "blocks scheme asked for (--coding-scheme blocks)"

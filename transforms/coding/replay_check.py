@@ -18,8 +18,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from lmc_audit.transforms.block_coding import MIN_WINDOW, ReplayDecoder, scoring_logits
-from lmc_audit.transforms.exact_attention import ReplayCache, replay
+from lmc_audit.transforms.coding.block_coding import MIN_WINDOW, ReplayDecoder, scoring_logits
+from lmc_audit.transforms.scoring.exact_attention import ReplayCache, replay
 
 log = logging.getLogger(__name__)
 

@@ -197,7 +197,7 @@ def _check(starts: np.ndarray, freqs: np.ndarray, precision: int) -> None:
         raise ValueError(f"precision must be 1..{MAX_PRECISION} bits, got {precision}")
     if starts.size and (freqs.min() < 1 or starts.min() < 0 or (starts + freqs).max() > (1 << precision)):
         raise ValueError("every symbol needs freq >= 1 and start + freq <= 2**precision; "
-                         "quantize the distribution with lmc_audit.transforms.quantize first")
+                         "quantize the distribution with lmc_audit.transforms.coding.quantize first")
 
 
 def encode(starts, freqs, precision: int) -> bytes:

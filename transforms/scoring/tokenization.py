@@ -15,7 +15,7 @@ from collections.abc import Iterator
 import apache_beam as beam
 import numpy as np
 
-from lmc_audit.transforms.model_loading import resolve_model_dir
+from lmc_audit.transforms.scoring.model_loading import resolve_model_dir
 from lmc_audit.transforms.records import Chunk, ScoredChunk, TokenizedChunk
 
 FLAGGED = "flagged"

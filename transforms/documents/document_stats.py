@@ -16,7 +16,7 @@ from fractions import Fraction
 import apache_beam as beam
 
 from lmc_audit.transforms.records import ScoredChunk
-from lmc_audit.transforms.signals import SummaryMerger
+from lmc_audit.transforms.scoring.signals import SummaryMerger
 
 DocKey = tuple[int, int, str]  # (shard index, position, doc_id)
 

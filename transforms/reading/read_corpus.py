@@ -7,10 +7,10 @@ from collections.abc import Iterator, Sequence
 import apache_beam as beam
 from apache_beam.metrics import Metrics
 
-from lmc_audit.transforms.dedup import DedupOptions, MinHasher
-from lmc_audit.transforms.document_facts import DocumentDescriber
+from lmc_audit.transforms.dedup.sketches import DedupOptions, MinHasher
+from lmc_audit.transforms.documents.document_facts import DocumentDescriber
 from lmc_audit.transforms.progress import Progress
-from lmc_audit.transforms.readers import READERS, ShardReader
+from lmc_audit.transforms.reading.readers import READERS, ShardReader
 from lmc_audit.transforms.records import DeadLetter, ReadTask, ShardSpec
 
 DEAD_LETTER = "dead_letter"

@@ -17,11 +17,11 @@ import apache_beam as beam
 from apache_beam.ml.inference.base import RunInference
 from apache_beam.utils.windowed_value import WindowedValue
 
-from lmc_audit.transforms import payloads
-from lmc_audit.transforms.model_handler import CausalLMHandler, CodingOptions
-from lmc_audit.transforms.model_loading import validate_model_spec
+from lmc_audit.transforms.coding import payloads
+from lmc_audit.transforms.scoring.model_handler import CausalLMHandler, CodingOptions
+from lmc_audit.transforms.scoring.model_loading import validate_model_spec
 from lmc_audit.transforms.records import ScoredChunk, TokenizedChunk
-from lmc_audit.transforms.tokenization import FLAGGED, TokenizeChunksFn
+from lmc_audit.transforms.scoring.tokenization import FLAGGED, TokenizeChunksFn
 
 
 class BatchByPaddedLength(beam.DoFn):

@@ -12,7 +12,7 @@ from collections.abc import Iterator
 
 import apache_beam as beam
 
-from lmc_audit.transforms.baselines import BaselineCompressors
+from lmc_audit.transforms.documents.baselines import BaselineCompressors
 from lmc_audit.transforms.records import Chunk, Document
 
 DEFAULT_CHUNK_BYTES = 2048

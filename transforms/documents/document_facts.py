@@ -35,8 +35,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from lmc_audit.transforms import dedup
-from lmc_audit.transforms.dedup import DedupOptions, DocKey, DocSketch
+from lmc_audit.transforms.dedup import sketches as dedup
+from lmc_audit.transforms.dedup.sketches import DedupOptions, DocKey, DocSketch
 
 SNIPPET_CHARS = 200
 MAX_CARRY = 1 << 20  # characters held back waiting for whitespace

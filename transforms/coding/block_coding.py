@@ -46,10 +46,10 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from lmc_audit.transforms import range_coder
-from lmc_audit.transforms.exact_attention import ReplayCache, replay
-from lmc_audit.transforms.quantize import MAX_TABLE_ENTRIES, quantize, pick
-from lmc_audit.transforms.tokenization import teacher_forcing
+from lmc_audit.transforms.coding import range_coder
+from lmc_audit.transforms.scoring.exact_attention import ReplayCache, replay
+from lmc_audit.transforms.coding.quantize import MAX_TABLE_ENTRIES, quantize, pick
+from lmc_audit.transforms.scoring.tokenization import teacher_forcing
 
 LN2 = math.log(2.0)
 MIN_TOKENS = 16  # default least token rows per forward (see the shape rule above)

@@ -66,7 +66,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from lmc_audit.transforms.components import UnionFind
+from lmc_audit.transforms.dedup.components import UnionFind
 
 MERSENNE = np.uint64((1 << 61) - 1)
 MAX_HASH = np.uint64((1 << 32) - 1)

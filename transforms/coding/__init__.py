@@ -1,0 +1,1 @@
+"""Arithmetic coding of scored chunks, payloads, and decoding by bit-exact replay."""

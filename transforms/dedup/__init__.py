@@ -1,0 +1,1 @@
+"""Exact and near-duplicate detection: sketches, verified pairs, clusters as connected components."""

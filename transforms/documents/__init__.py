@@ -1,0 +1,1 @@
+"""Documents into chunks, and what is known of a document as it streams by: hashes, sketch, numbers."""

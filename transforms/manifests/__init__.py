@@ -1,0 +1,1 @@
+"""Writing the Parquet manifests: schemas, rows, part files, commit markers."""

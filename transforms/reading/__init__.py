@@ -1,0 +1,1 @@
+"""Listing shards and reading them into documents: one reader class per format."""

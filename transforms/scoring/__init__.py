@@ -1,0 +1,1 @@
+"""Loading a causal LM and scoring chunks with it through Beam RunInference; per-token signals."""
