@@ -69,6 +69,7 @@ from lmc_audit.transforms.dedup import sketches as dedup
 from lmc_audit.transforms.dedup.sketches import DedupOptions
 from lmc_audit.transforms.documents.document_facts import DocumentDescriber
 from lmc_audit.transforms.dedup.find_duplicates import FindDuplicates
+from lmc_audit.transforms.options import ModelOptions
 
 KINDS = ("exact", "whitespace", "edits_5", "edits_15", "shuffled", "prefix_60", "prefix_30")
 TARGET_KINDS = ("exact", "whitespace", "edits_5", "shuffled", "prefix_60")
@@ -287,7 +288,7 @@ def ncd_study(model: str, copies: int, seed: int, workdir: Path) -> dict:
                            "share_at_least_0.8": round(sum(x >= 0.8 for x in v) / len(v), 4)}
     ncd_seconds = time.perf_counter() - start
     recall = {}
-    for name, scorer in (("rules_only", None), ("with_ncd", ScoreChunks(model, "cpu", "float32"))):
+    for name, scorer in (("rules_only", None), ("with_ncd", ScoreChunks(ModelOptions(model, "cpu", "float32")))):
         sketches = sketches_of(docs, DedupOptions())
         rows_path = workdir / f"{name}.json"
         pipeline = beam.Pipeline(runner="DirectRunner")

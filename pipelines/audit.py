@@ -30,6 +30,7 @@ from lmc_audit.transforms.dedup.find_duplicates import FindDuplicates
 from lmc_audit.transforms.manifests.files import shard_parts
 from lmc_audit.transforms.manifests.state import MANIFEST_DIRS, LoadCommittedSketches, plan_incremental, shard_key
 from lmc_audit.transforms.manifests.write import WriteDuplicates, WriteManifests
+from lmc_audit.transforms.options import AuditOptions, ModelOptions, OutputOptions, ReadOptions
 from lmc_audit.transforms.scoring.model_handler import CodingOptions
 from lmc_audit.transforms.scoring.model_loading import (BUNDLED, model_fingerprint, resolve_model_dir,
                                                 validate_model_spec)
@@ -221,7 +222,21 @@ def dedup_options(args: argparse.Namespace) -> DedupOptions | None:
                         containment_threshold=args.dedup_containment, line_containment=args.dedup_line_containment,
                         min_shingles=args.dedup_min_shingles, min_length_ratio=args.dedup_min_length_ratio,
                         min_line_words=args.dedup_min_line_words,
-                        normalize=tuple(sorted(set(args.dedup_normalize))))
+                        normalize=tuple(sorted(set(args.dedup_normalize))), component_rounds=args.dedup_rounds)
+
+
+def audit_options(args: argparse.Namespace, model_fingerprint: str) -> AuditOptions:
+    """The one options object the job's graph is built from (checked as it is built)."""
+    model = ModelOptions(args.model, args.device, args.dtype, args.trust_remote_code, args.max_batch_tokens,
+                         args.max_batch_rows, args.length_granularity, args.scoring_accelerator)
+    coding = (CodingOptions(model_fingerprint, args.precision, args.coding_rows, args.coding_block,
+                            args.coding_scheme) if args.coding else None)
+    return AuditOptions(
+        read=ReadOptions(args.text_field, args.id_field, args.chunk_bytes, args.split_bytes),
+        model=model, output=OutputOptions(args.output, args.part_bytes), signals=signal_options(args),
+        coding=coding, dedup=dedup_options(args),
+        reference=dataclasses.replace(model, spec=args.reference_model) if args.reference_model else None,
+        verify_fraction=args.verify_fraction if args.coding else 0.0)
 
 
 def validate(args: argparse.Namespace) -> None:
@@ -253,8 +268,7 @@ def validate(args: argparse.Namespace) -> None:
         validate_model_spec(args.model)
         if args.reference_model:
             validate_model_spec(args.reference_model)
-        signal_options(args)
-        dedup_options(args)
+        audit_options(args, "0" * 64)
     except (FileNotFoundError, ValueError) as exc:
         raise SystemExit(f"lmc-audit: {exc}") from None
     probe_output(args.output)
@@ -444,48 +458,37 @@ def run(argv: list[str] | None = None, test_pipeline: beam.Pipeline | None = Non
         print(f"[lmc-audit] incremental: {len(committed)} shards already audited, {len(shards)} to audit",
               file=sys.stderr)
 
-    options = PipelineOptions(beam_args)
+    pipeline_options = PipelineOptions(beam_args)
     # Workers import lmc_audit (and its bundled model) from the installed package.
-    options.view_as(SetupOptions).save_main_session = False
-    pipeline = test_pipeline or beam.Pipeline(options=options)
-    dedup = dedup_options(args)
-    read = pipeline | "ReadCorpus" >> ReadCorpus(shards, args.text_field, args.id_field,
-                                                args.chunk_bytes, args.split_bytes, dedup)
+    pipeline_options.view_as(SetupOptions).save_main_session = False
+    pipeline = test_pipeline or beam.Pipeline(options=pipeline_options)
+    o = audit_options(args, fingerprint)  # passed whole; each step takes its part
+    read = pipeline | "ReadCorpus" >> ReadCorpus(shards, o.read, o.dedup)
     unlisted = pipeline | "UnreadableInputs" >> beam.Create(listing_errors, reshuffle=False)
     dead_letters = (read[DEAD_LETTER], unlisted) | "AllDeadLetters" >> beam.Flatten()
-    coding = (CodingOptions(fingerprint, args.precision, args.coding_rows, args.coding_block, args.coding_scheme)
-              if args.coding else None)
-    def scorer(model: str, coding_options: CodingOptions | None) -> beam.PTransform:
-        transform = ScoreChunks(model, args.device, args.dtype, args.trust_remote_code, args.max_batch_tokens,
-                                args.max_batch_rows, args.length_granularity, coding_options)
-        if args.scoring_accelerator:
-            transform = transform.with_resource_hints(accelerator=args.scoring_accelerator)
-        return transform
-
-    chunks = read.main | "ChunkDocuments" >> ChunkDocuments(args.chunk_bytes)
-    scored = chunks | "ScoreChunks" >> scorer(args.model, coding)
+    chunks = read.main | "ChunkDocuments" >> ChunkDocuments(o.read.chunk_bytes)
+    scored = chunks | "ScoreChunks" >> ScoreChunks(o.model, o.coding)
     manifest_inputs = [scored, dead_letters, read[FACTS]]
-    if args.reference_model:
-        manifest_inputs.append(chunks | "ScoreReference" >> scorer(args.reference_model, None))
+    if o.reference:
+        manifest_inputs.append(chunks | "ScoreReference" >> ScoreChunks(o.reference))
     duplicates = None
-    if dedup:
+    if o.dedup:
         sketches = read[FACTS] | "Sketches" >> beam.Map(lambda f: f.sketch)
         if committed:
-            sketches = ((sketches, pipeline | "CommittedSketches" >> LoadCommittedSketches(args.output, committed))
+            sketches = ((sketches, pipeline | "CommittedSketches" >> LoadCommittedSketches(o.output.path, committed))
                         | "AllSketches" >> beam.Flatten())
         duplicates = (sketches
-                      | "FindDuplicates" >> FindDuplicates(dedup, scorer(args.model, None), args.dedup_rounds)
-                      | "WriteDuplicates" >> WriteDuplicates(args.output, sum(parts.values())))
-    written = tuple(manifest_inputs) | "WriteManifests" >> WriteManifests(args.output, signal_options(args),
-                                                                          commit, committed, duplicates, parts)
+                      | "FindDuplicates" >> FindDuplicates(o.dedup, ScoreChunks(o.model))
+                      | "WriteDuplicates" >> WriteDuplicates(o.output.path, sum(parts.values())))
+    written = tuple(manifest_inputs) | "WriteManifests" >> WriteManifests(o.output.path, o.signals, commit, committed,
+                                                                          duplicates, parts)
     record_inputs = {"written": written, "documents": read.main, "dead_letters": dead_letters}
-    if args.coding:
+    if o.coding:
         record_inputs["scored"] = scored
-    if args.coding and args.verify_fraction > 0:
+    if o.coding and o.verify_fraction > 0:
         record_inputs["verification"] = scored | "VerifyPayloads" >> VerifyPayloads(
-            args.model, args.verify_fraction, args.device, args.trust_remote_code, VERIFY_ROWS,
-            verification_buckets(args.verify_fraction, sum(s.size for s in shards), args.chunk_bytes, VERIFY_ROWS),
-            args.scoring_accelerator)
+            o.model, o.verify_fraction, VERIFY_ROWS,
+            verification_buckets(o.verify_fraction, sum(s.size for s in shards), o.read.chunk_bytes, VERIFY_ROWS))
     # Committed shards were not read: their records count as their documents and dead letters.
     kept_records = sum(row["documents"] + row["dead_letters"] for _, _, row in committed)
     model = {"spec": args.model, "name": Path(model_dir).name if args.model == BUNDLED else args.model,

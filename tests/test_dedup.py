@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import random
@@ -355,7 +356,7 @@ def test_find_duplicates_clusters_equal_union_find_over_its_edges(tmp_path):
     rows = {}
     for rounds in (0, 3):
         found, _ = _run_to_file(tmp_path, lambda p, r=rounds: p | beam.Create(sketches)
-                                | FindDuplicates(opts, component_rounds=r), f"find{rounds}")
+                                | FindDuplicates(dataclasses.replace(opts, component_rounds=r)), f"find{rounds}")
         rows[rounds] = [row for _, _, row in found]
     assert rows[0] == rows[3]
     by_doc = {r["doc_id"]: r for r in rows[3]}

@@ -192,3 +192,23 @@ def test_two_worker_processes_write_identical_manifests(tmp_path, tiny_byte_mode
     assert files == sorted(p.relative_to(outs[1]) for p in outs[1].rglob("*.parquet"))
     for f in files:
         assert (outs[0] / f).read_bytes() == (outs[1] / f).read_bytes(), f
+
+
+def test_one_frozen_options_object_with_a_part_per_stage(tmp_path):
+    """The job's graph is built from one AuditOptions, checked when built and frozen; the reference model
+    shares the scoring model's settings but its spec."""
+    import dataclasses
+
+    from lmc_audit.pipelines.audit import audit_options, build_parser
+
+    args = build_parser().parse_args(["--input", "x", "--output", str(tmp_path / "o"), "--chunk-bytes", "512",
+                                      "--reference-model", "ref", "--device", "cpu", "--no-dedup",
+                                      "--scoring-accelerator", "type:nvidia-l4;count:1;install-nvidia-driver"])
+    o = audit_options(args, "ab" * 32)
+    assert o.read.chunk_bytes == 512 and o.model.device == "cpu" and o.dedup is None
+    assert o.reference == dataclasses.replace(o.model, spec="ref") and o.coding.fingerprint == "ab" * 32
+    assert o.model.accelerator.startswith("type:nvidia-l4") and o.output.part_bytes == 64 << 20
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        o.model.device = "cuda"
+    with pytest.raises(ValueError, match="part_bytes"):
+        audit_options(build_parser().parse_args(["--input", "x", "--output", "o", "--part-bytes", "1"]), "0" * 64)

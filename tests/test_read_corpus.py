@@ -18,6 +18,7 @@ from apache_beam.testing.test_pipeline import TestPipeline
 from apache_beam.testing.util import assert_that
 
 from lmc_audit.transforms.reading.listing import detect, list_shards
+from lmc_audit.transforms.options import ReadOptions
 from lmc_audit.transforms.reading.read_corpus import DEAD_LETTER, ReadCorpus
 from lmc_audit.transforms.reading.readers import JsonlReader
 from lmc_audit.transforms.records import ShardSpec
@@ -40,7 +41,7 @@ def read(patterns, check, **kwargs):
     shards, errors = list_shards([str(p) for p in patterns], kwargs.pop("fmt", "auto"))
     assert not errors, errors
     with TestPipeline() as p:
-        read = p | ReadCorpus(shards, **kwargs)
+        read = p | ReadCorpus(shards, ReadOptions(**kwargs))
         docs = read.main | "Docs" >> beam.Map(lambda d: ("doc", (d.doc_id, d.data, d.position)))
         dead = read[DEAD_LETTER] | "Dead" >> beam.Map(lambda d: ("dead", (d.position, d.reason)))
         both = (docs, dead) | beam.Flatten() | beam.combiners.ToList()
@@ -226,6 +227,6 @@ def test_large_text_file_is_read_in_segments_on_chunk_boundaries(tmp_path):
 
 def test_read_corpus_validates_arguments():
     with pytest.raises(ValueError, match="text_field"):
-        ReadCorpus([], text_field="")
+        ReadOptions(text_field="")
     with pytest.raises(ValueError, match="split_bytes"):
-        ReadCorpus([], split_bytes=10)
+        ReadOptions(split_bytes=10)

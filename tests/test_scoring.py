@@ -20,6 +20,7 @@ from apache_beam.testing.util import assert_that, equal_to
 from transformers import AutoModelForCausalLM
 
 from lmc_audit.transforms.scoring.model_handler import CausalLMHandler
+from lmc_audit.transforms.options import ModelOptions
 from lmc_audit.transforms.records import Chunk, ScoredChunk, TokenizedChunk
 from lmc_audit.transforms.scoring.score_chunks import ScoreChunks, _failed_batch_to_rows
 from lmc_audit.transforms.scoring.tokenization import ChunkTokenizer, padded_length
@@ -65,7 +66,7 @@ def test_pipeline_bits_equal_direct_unbatched_computation(tiny_byte_model):
     for rows in (1, 16):  # batch of one, and mixed-length batches
         with TestPipeline() as p:
             out = (p | beam.Create(chunks)
-                   | ScoreChunks(tiny_byte_model, device="cpu", max_batch_rows=rows, max_batch_tokens=1 << 16)
+                   | ScoreChunks(ModelOptions(tiny_byte_model, device="cpu", max_batch_rows=rows, max_batch_tokens=1 << 16))
                    | beam.Map(lambda s: (s.chunk.doc_id, s.bits)))
             assert_that(out, equal_to(same_shape))  # bit-exact
     for c, (_, bits) in zip(chunks, same_shape):
@@ -100,7 +101,7 @@ def test_flagged_chunks_come_out_unscored(tiny_bpe_model):
     chunks = [Chunk(n, "s", 0, i, 0, 0, d, hashlib.sha256(d).digest(), 0, 0, 0)
               for i, (n, d) in enumerate([("good", good), ("bad", b"\xff\xfe broken")])]
     with TestPipeline() as p:
-        out = (p | beam.Create(chunks) | ScoreChunks(tiny_bpe_model, device="cpu")
+        out = (p | beam.Create(chunks) | ScoreChunks(ModelOptions(tiny_bpe_model, device="cpu"))
                | beam.Map(lambda s: (s.chunk.doc_id, s.bits is None, s.flags[:1] and s.flags[0].split(":")[0])))
         assert_that(out, equal_to([("good", False, ()), ("bad", True, "invalid_utf8")]))
 
@@ -115,8 +116,10 @@ def test_failed_batches_are_flagged_not_dropped():
 
 def test_score_chunks_validates_arguments(tmp_path, tiny_byte_model):
     with pytest.raises(FileNotFoundError, match="does not exist"):
-        ScoreChunks(str(tmp_path / "nope"))
+        ScoreChunks(ModelOptions(str(tmp_path / "nope")))
     with pytest.raises(ValueError, match="dtype"):
-        ScoreChunks(tiny_byte_model, dtype="int8")
+        ScoreChunks(ModelOptions(tiny_byte_model, dtype="int8"))
     with pytest.raises(ValueError, match="device"):
-        ScoreChunks(tiny_byte_model, device="tpu")
+        ScoreChunks(ModelOptions(tiny_byte_model, device="tpu"))
+    with pytest.raises(ValueError, match="max_batch_rows"):
+        ModelOptions(tiny_byte_model, max_batch_rows=0)

@@ -16,6 +16,7 @@ import numpy as np
 from apache_beam.metrics import Metrics
 
 from lmc_audit.transforms.coding.block_coding import BlockCoder, DecodeStats, NgramGuesser, ReplayDecoder
+from lmc_audit.transforms.options import ModelOptions
 from lmc_audit.transforms.scoring.model_handler import LoadedModel, load_causal_lm, pick_device
 from lmc_audit.transforms.scoring.model_loading import model_fingerprint, resolve_model_dir
 from lmc_audit.transforms.coding.payloads import (METHOD_STORED, SCHEME_BLOCKS, Header, PayloadError, Recipe, crc32,
@@ -216,21 +217,21 @@ class VerifyPayloads(beam.PTransform):
     (a group costs about the same number of forwards with 1 row as with 64). A key's values are
     iterated, never held whole, so memory stays at one decode group."""
 
-    def __init__(self, model_spec: str, fraction: float, device: str = "auto", trust_remote_code: bool = False,
-                 batch_rows: int = 64, buckets: int = 1, accelerator: str | None = None):
-        """``accelerator``: the Beam resource hint of the decode step under right fitting. Payloads coded
-        on a GPU decode only on that kind of device, so the step that runs the model goes where the
-        scoring ran; picking and grouping the sample stay on CPU workers."""
+    def __init__(self, model: ModelOptions, fraction: float, batch_rows: int = 64, buckets: int = 1):
+        """``model``: the model that coded the payloads, and how it runs. Its ``accelerator`` is the Beam
+        resource hint of the decode step under right fitting: payloads coded on a GPU decode only on that
+        kind of device, so the step that runs the model goes where the scoring ran; picking and grouping
+        the sample stay on CPU workers."""
         super().__init__()
         if not 0.0 <= fraction <= 1.0:
             raise ValueError(f"the verified fraction must be in [0, 1], got {fraction}")
         if batch_rows < 1 or buckets < 1:
             raise ValueError("batch_rows and buckets must be at least 1")
-        self._fn = VerifyPayloadsFn(model_spec, device, trust_remote_code, batch_rows)
+        self._fn = VerifyPayloadsFn(model.spec, model.device, model.trust_remote_code, batch_rows)
         self._fraction = fraction
         self._batch_rows = batch_rows
         self._buckets = buckets
-        self._accelerator = accelerator
+        self._accelerator = model.accelerator
 
     def expand(self, scored):
         fraction, buckets = self._fraction, self._buckets

@@ -138,16 +138,15 @@ class FindDuplicates(beam.PTransform):
 
     ``score`` is a ``ScoreChunks`` (no coding) with the audit's model: it gives C(x), C(y) and C(xy)
     for the NCD. Without it, NCD is left empty. Clusters are the connected components of the verified
-    edges, found by ``ConnectedComponents`` in ``component_rounds`` unrolled rounds (exact whatever the
-    number; fewer rounds leave more to gather on one worker): no step holds every edge.
+    edges, found by ``ConnectedComponents`` in ``options.component_rounds`` unrolled rounds (exact
+    whatever the number; fewer rounds leave more to gather on one worker): no step holds every edge.
     """
 
-    def __init__(self, options: DedupOptions = DedupOptions(), score: beam.PTransform | None = None,
-                 component_rounds: int = 3):
+    def __init__(self, options: DedupOptions = DedupOptions(), score: beam.PTransform | None = None):
         super().__init__()
         self._options = options
         self._score = score
-        self._rounds = component_rounds
+        self._rounds = options.component_rounds
 
     def expand(self, sketches):
         o = self._options

@@ -103,8 +103,11 @@ class DedupOptions:
     min_shingles: int = 50
     min_length_ratio: float = 0.5
     normalize: tuple[str, ...] = ()
+    component_rounds: int = 3  # large-star / small-star rounds before what has not settled is gathered
 
     def __post_init__(self):
+        if self.component_rounds < 0:
+            raise ValueError(f"component_rounds must be at least 0, got {self.component_rounds}")
         if self.ngram < 1 or self.bands < 1 or self.rows < 1:
             raise ValueError("ngram, bands and rows must be at least 1")
         for name in ("containment_threshold", "line_containment", "line_ngram_floor", "min_length_ratio"):

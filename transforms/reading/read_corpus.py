@@ -9,6 +9,7 @@ from apache_beam.metrics import Metrics
 
 from lmc_audit.transforms.dedup.sketches import DedupOptions, MinHasher
 from lmc_audit.transforms.documents.document_facts import DocumentDescriber
+from lmc_audit.transforms.options import ReadOptions
 from lmc_audit.transforms.progress import Progress
 from lmc_audit.transforms.reading.readers import READERS, ShardReader
 from lmc_audit.transforms.records import DeadLetter, ReadTask, ShardSpec
@@ -88,16 +89,13 @@ class ReadCorpus(beam.PTransform):
     per document, with its dedup sketch when ``dedup_options`` are given).
     """
 
-    def __init__(self, shards: Sequence[ShardSpec], text_field: str = "text", id_field: str | None = None,
-                 chunk_bytes: int = 2048, split_bytes: int = 64 << 20, dedup_options: DedupOptions | None = None):
+    def __init__(self, shards: Sequence[ShardSpec], read: ReadOptions = ReadOptions(),
+                 dedup_options: DedupOptions | None = None):
         super().__init__()
-        if not text_field:
-            raise ValueError("text_field must name the field or column that holds the text")
-        if split_bytes < 1 << 16:
-            raise ValueError(f"split_bytes={split_bytes} is too small; use at least 65536")
         self._shards = list(shards)
-        self._reader_kwargs = {"text_field": text_field, "id_field": id_field, "chunk_bytes": chunk_bytes}
-        self._split_bytes = split_bytes
+        self._reader_kwargs = {"text_field": read.text_field, "id_field": read.id_field,
+                               "chunk_bytes": read.chunk_bytes}
+        self._split_bytes = read.split_bytes
         self._dedup = dedup_options
 
     def expand(self, pbegin):

@@ -20,6 +20,7 @@ from apache_beam.utils.windowed_value import WindowedValue
 from lmc_audit.transforms.coding import payloads
 from lmc_audit.transforms.scoring.model_handler import CausalLMHandler, CodingOptions
 from lmc_audit.transforms.scoring.model_loading import validate_model_spec
+from lmc_audit.transforms.options import ModelOptions
 from lmc_audit.transforms.records import ScoredChunk, TokenizedChunk
 from lmc_audit.transforms.scoring.tokenization import FLAGGED, TokenizeChunksFn
 
@@ -77,28 +78,28 @@ class StoreUncodable(beam.DoFn):
 
 
 class ScoreChunks(beam.PTransform):
-    def __init__(self, model_spec: str = "bundled", device: str = "auto", dtype: str = "auto",
-                 trust_remote_code: bool = False, max_batch_tokens: int = 16384,
-                 max_batch_rows: int = 64, length_granularity: int = 64, coding: CodingOptions | None = None):
+    """Chunks in; ``ScoredChunk`` out, coded when ``coding`` is given. ``model`` says which model runs and
+    how (its ``accelerator`` becomes this transform's resource hint)."""
+
+    def __init__(self, model: ModelOptions = ModelOptions(), coding: CodingOptions | None = None):
         super().__init__()
-        validate_model_spec(model_spec)
-        if length_granularity < 1:
-            raise ValueError("length_granularity must be at least 1")
-        if max_batch_rows < 1:
-            raise ValueError("max_batch_rows must be at least 1")
-        if coding is not None and length_granularity % coding.block:
-            raise ValueError(f"length_granularity {length_granularity} must be a multiple of the coding block "
+        validate_model_spec(model.spec)
+        if coding is not None and model.length_granularity % coding.block:
+            raise ValueError(f"length_granularity {model.length_granularity} must be a multiple of the coding block "
                              f"{coding.block}")
         self._coding = coding
-        self._handler = CausalLMHandler(model_spec, device, dtype, trust_remote_code, max_batch_tokens, coding)
-        self._tokenize = TokenizeChunksFn(model_spec, trust_remote_code, length_granularity)
+        self._handler = CausalLMHandler(model.spec, model.device, model.dtype, model.trust_remote_code,
+                                        model.max_batch_tokens, coding)
+        self._tokenize = TokenizeChunksFn(model.spec, model.trust_remote_code, model.length_granularity)
         if coding is None:
-            self._max_batch_tokens = max_batch_tokens
-            self._max_batch_rows = max_batch_rows
+            self._max_batch_tokens = model.max_batch_tokens
+            self._max_batch_rows = model.max_batch_rows
         else:
             # Coding forwards always have exactly coding.rows rows: hand the model whole groups.
-            self._max_batch_rows = coding.rows * max(1, max_batch_rows // coding.rows)
+            self._max_batch_rows = coding.rows * max(1, model.max_batch_rows // coding.rows)
             self._max_batch_tokens = self._max_batch_rows * (1 << 20)
+        if model.accelerator:
+            self.with_resource_hints(accelerator=model.accelerator)
 
     def expand(self, chunks):
         tokenized = chunks | "Tokenize" >> beam.ParDo(self._tokenize).with_outputs(FLAGGED, main="main")
