@@ -34,7 +34,8 @@ from lmc_audit.transforms.options import AuditOptions, ModelOptions, OutputOptio
 from lmc_audit.transforms.scoring.model_handler import CodingOptions
 from lmc_audit.transforms.scoring.model_loading import (BUNDLED, model_fingerprint, resolve_model_dir,
                                                 validate_model_spec)
-from lmc_audit.transforms.reading.read_corpus import DEAD_LETTER, FACTS, NAMESPACE, ReadCorpus
+from lmc_audit.transforms.progress import NAMESPACE
+from lmc_audit.transforms.reading.read_corpus import DEAD_LETTER, FACTS, ReadCorpus
 from lmc_audit.transforms.scoring.score_chunks import ScoreChunks
 from lmc_audit.transforms.scoring.signals import SignalOptions
 

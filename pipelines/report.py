@@ -323,16 +323,16 @@ def render(manifests: str, run: dict | None = None) -> str:
 
     snippets = snippets_of(manifests, set(clusters.kept.values()))
     cluster_rows = []
-    for cid in clusters.order:
+    for rank, cid in enumerate(clusters.order, 1):  # ranked by size: ids are 63-bit hashes, not for reading
         kept, dropped, size = clusters.kept.get(cid, ""), clusters.members[cid], clusters.sizes[cid]
         more = size - 1 - len(dropped)
-        cluster_rows.append([_fmt(cid), _fmt(size), _esc(kept),
+        cluster_rows.append([_fmt(rank), _fmt(size), _esc(kept),
                              "<br>".join(f'{_esc(m["doc_id"])} ({_esc(m.get("rule", m["reason"]))}, '
                                          f'J={_fmt(m["jaccard"], 2)}, C={_fmt(m.get("containment"), 2)}, '
                                          f'NCD={_fmt(m["ncd"], 2)})' for m in dropped)
                              + (f"<br>… and {_fmt(more)} more" if more > 0 else ""),
                              f'<div class="snippet">{_esc(snippets.get(kept, ""))}</div>'])
-    cluster_table = (_table(["cluster", "size", "kept", "dropped (rule, Jaccard, containment, NCD)", "kept snippet"],
+    cluster_table = (_table(["#", "size", "kept", "dropped (rule, Jaccard, containment, NCD)", "kept snippet"],
                             cluster_rows) if cluster_rows else "<p>No duplicates found.</p>")
     sampled = (f" A sample of {_fmt(SCATTER_POINTS)} of {_fmt(summary.documents)} documents, drawn by a hash of "
                "their key." if summary.documents > SCATTER_POINTS else "")

@@ -17,6 +17,8 @@ import threading
 import time
 from dataclasses import dataclass
 
+NAMESPACE = "lmc_audit"  # of every Beam counter the job reports (run.json's job_metrics reads them)
+
 STAGES = ("reading", "scoring", "writing", "dedup", "decoding")
 UNITS = {"reading": "docs", "scoring": "chunks", "writing": "rows", "dedup": "pairs", "decoding": "chunks"}
 

@@ -21,11 +21,10 @@ from lmc_audit.transforms.scoring.model_handler import LoadedModel, load_causal_
 from lmc_audit.transforms.scoring.model_loading import model_fingerprint, resolve_model_dir
 from lmc_audit.transforms.coding.payloads import (METHOD_STORED, SCHEME_BLOCKS, Header, PayloadError, Recipe, crc32,
                                            unpack)
-from lmc_audit.transforms.progress import Progress
+from lmc_audit.transforms.progress import NAMESPACE, Progress
 from lmc_audit.transforms.records import Chunk, ScoredChunk
 from lmc_audit.transforms.scoring.tokenization import ChunkTokenizer
 
-NAMESPACE = "lmc_audit"
 log = logging.getLogger(__name__)
 
 

@@ -9,8 +9,9 @@ a worker's memory by the number of duplicate pairs in the corpus; this runs as s
    for their minimum, once to emit), so a worker holds one edge at a time, however many neighbours
    a node has (a text copied a million times is a star of a million edges). Both steps keep the
    components, and large-star / small-star settle every component into a star around its
-   smallest node within O(log^2 n) rounds; graphs from dedup (stars of exact copies, buckets
-   paired with their first members) settle in two or three.
+   smallest node within O(log^2 n) rounds. Measured here: stars joined at their centres (exact
+   copies, buckets paired with their first members) settle in three rounds; a random graph of 300
+   nodes and 350 edges leaves 2 unsettled after four; a chain of 400 settles in eight.
 2. A Beam graph is fixed before it runs, so the rounds are unrolled (``rounds``), and then
    settled nodes are told from the rest in three more shuffles: a node is settled when it has
    exactly one edge to a smaller node and that node has none (a star's leaf). Settled leaves are
@@ -27,7 +28,8 @@ from typing import Any
 import apache_beam as beam
 from apache_beam.metrics import Metrics
 
-NAMESPACE = "lmc_audit"
+from lmc_audit.transforms.progress import NAMESPACE
+
 UNCLEAN = "unclean"
 Node = Any  # any totally ordered value with a deterministic Beam coder (dedup: a DocKey tuple)
 

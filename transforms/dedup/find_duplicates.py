@@ -13,12 +13,11 @@ import apache_beam as beam
 from apache_beam.metrics import Metrics
 
 from lmc_audit.transforms.dedup.components import ConnectedComponents
-from lmc_audit.transforms.progress import Progress
+from lmc_audit.transforms.progress import NAMESPACE, Progress
 from lmc_audit.transforms.dedup import sketches as dedup
 from lmc_audit.transforms.dedup.sketches import DedupOptions, DocSketch, Edge
 from lmc_audit.transforms.records import Chunk, ScoredChunk
 
-NAMESPACE = "lmc_audit"
 NCD_SHARD = "<ncd>"
 NCD_CHUNKS = "ncd_chunks"
 

@@ -10,13 +10,12 @@ from apache_beam.metrics import Metrics
 from lmc_audit.transforms.dedup.sketches import DedupOptions, MinHasher
 from lmc_audit.transforms.documents.document_facts import DocumentDescriber
 from lmc_audit.transforms.options import ReadOptions
-from lmc_audit.transforms.progress import Progress
+from lmc_audit.transforms.progress import NAMESPACE, Progress
 from lmc_audit.transforms.reading.readers import READERS, ShardReader
 from lmc_audit.transforms.records import DeadLetter, ReadTask, ShardSpec
 
 DEAD_LETTER = "dead_letter"
 FACTS = "facts"
-NAMESPACE = "lmc_audit"
 
 
 class _ReaderFn(beam.DoFn):

@@ -51,12 +51,11 @@ from lmc_audit.transforms.coding.block_coding import MIN_TOKENS, BlockCoder, cod
 from lmc_audit.transforms.scoring.model_loading import resolve_model_dir
 from lmc_audit.transforms.coding.payloads import (METHOD_MODEL, SCHEME_BLOCKS, SCHEME_FORWARD, Header, Recipe, crc32,
                                            pack)
-from lmc_audit.transforms.progress import Progress
+from lmc_audit.transforms.progress import NAMESPACE, Progress
 from lmc_audit.transforms.records import ScoredChunk, TokenizedChunk
 from lmc_audit.transforms.scoring import signals
 from lmc_audit.transforms.scoring.tokenization import teacher_forcing
 
-NAMESPACE = "lmc_audit"
 log = logging.getLogger(__name__)
 SCHEMES = ("auto", SCHEME_FORWARD, SCHEME_BLOCKS)
 LN2 = math.log(2.0)
