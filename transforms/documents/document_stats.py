@@ -59,6 +59,15 @@ class DocumentStats:
         self.z.add(o.z)
 
 
+def merge_into_first(accumulators):
+    """Beam's ``merge_accumulators`` for accumulators with ``merge(other)``: merged into the first."""
+    it = iter(accumulators)
+    first = next(it)
+    for a in it:
+        first.merge(a)
+    return first
+
+
 class DocumentStatsFn(beam.CombineFn):
     """Scored chunks of one document in; the numbers of its manifest row out (``k``: Min-K%'s k)."""
 
@@ -74,11 +83,7 @@ class DocumentStatsFn(beam.CombineFn):
         return acc
 
     def merge_accumulators(self, accs) -> DocumentStats:
-        it = iter(accs)
-        first = next(it)
-        for a in it:
-            first.merge(a)
-        return first
+        return merge_into_first(accs)
 
     def extract_output(self, acc: DocumentStats) -> dict:
         scored = acc.scored_chunks > 0

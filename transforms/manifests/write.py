@@ -38,7 +38,7 @@ from lmc_audit.transforms.manifests.files import (EMPTY, part_file_name, part_na
 from lmc_audit.transforms.manifests.state import STATE_SKETCHES, sketch_row, write_commit_marker
 from lmc_audit.transforms.scoring import signals
 from lmc_audit.transforms.documents.document_facts import DocumentDescriber, DocumentFacts
-from lmc_audit.transforms.documents.document_stats import DocKey, DocumentStatsFn
+from lmc_audit.transforms.documents.document_stats import DocKey, DocumentStatsFn, merge_into_first
 from lmc_audit.transforms.records import DeadLetter, ScoredChunk
 from lmc_audit.transforms.scoring.signals import SignalOptions
 
@@ -153,11 +153,7 @@ class ReferenceBitsFn(beam.CombineFn):
         return acc
 
     def merge_accumulators(self, accs) -> ReferenceBits:
-        it = iter(accs)
-        first = next(it)
-        for a in it:
-            first.merge(a)
-        return first
+        return merge_into_first(accs)
 
     def extract_output(self, acc: ReferenceBits) -> ReferenceBits:
         return acc
