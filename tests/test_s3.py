@@ -92,3 +92,10 @@ def test_pipeline_reads_and_writes_s3(s3, tiny_byte_model, tmp_path):
     decoded = {x["doc_id"]: x["text"] for x in lines}
     for d in docs:
         assert decoded[d["id"]] == d["text"]
+    # An incremental run on S3 reads the commit markers back (in batches) and keeps every shard.
+    again = run(["--input", f"s3://{bucket}/corpus/*", "--output", out, "--model", tiny_byte_model,
+                 "--id-field", "id", "--chunk-bytes", "64", "--coding-rows", "8", "--verify-fraction", "1",
+                 "--quiet", "--incremental"])
+    assert again["counts"]["shards_kept_from_earlier_runs"] == 3 and again["counts"]["documents"] == 8
+    dups = ds.dataset(f"{bucket}/audit/duplicates", filesystem=fs, format="parquet").to_table().to_pylist()
+    assert {(r["doc_id"], r["keep"]) for r in dups} == {("d5", True), ("copy", False)}

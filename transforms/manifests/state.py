@@ -22,6 +22,7 @@ from lmc_audit.transforms.manifests.files import shard_file_prefix, shard_part_n
 STATE_SKETCHES = "_state/sketches"
 STATE_COMMITS = "_state/commits"
 MANIFEST_DIRS = ("chunks", "documents", "shards", "dead_letter", "payloads", "duplicates")
+MARKER_BATCH = 1000  # commit markers read at once by --incremental
 
 
 def sketch_row(k: dedup.DocSketch) -> dict:
@@ -86,9 +87,14 @@ def plan_incremental(output: str, shards: list, fingerprint: str, listing_errors
     commit = {s.path: {"key": shard_key(s.path), "fingerprint": fingerprint} for s in shards}
     markers = {}
     if fs.exists(f"{root}/{STATE_COMMITS}"):
-        for path in sorted(fs.find(f"{root}/{STATE_COMMITS}")):
-            if path.endswith(".json"):
-                marker = json.loads(fs.cat_file(path))
+        paths = sorted(p for p in fs.find(f"{root}/{STATE_COMMITS}") if p.endswith(".json"))
+        # fsspec's cat of a list fetches concurrently on object stores (s3fs, gcsfs): 100,000 markers are
+        # 100 round trips' worth of batches, not 100,000 requests one after another.
+        for start in range(0, len(paths), MARKER_BATCH):
+            batch = paths[start:start + MARKER_BATCH]
+            found = fs.cat(batch, on_error="raise")
+            for path in batch:
+                marker = json.loads(found[path])
                 markers[marker["shard"]] = marker
     to_read, kept = [], []
     for s in shards:
