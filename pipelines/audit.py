@@ -258,10 +258,6 @@ def validate(args: argparse.Namespace) -> None:
     if args.coding and args.length_granularity % args.coding_block:
         raise SystemExit(f"lmc-audit: --length-granularity ({args.length_granularity}) must be a multiple of "
                          f"--coding-block ({args.coding_block})")
-    if args.dedup_rounds < 0:
-        raise SystemExit(f"lmc-audit: --dedup-rounds must be at least 0, got {args.dedup_rounds}")
-    if args.part_bytes < 1 << 16:
-        raise SystemExit(f"lmc-audit: --part-bytes must be at least 64 KiB (65536), got {args.part_bytes}")
     for name in ("max_batch_tokens", "max_batch_rows", "length_granularity", "coding_rows", "coding_block"):
         if getattr(args, name) < 1:
             raise SystemExit(f"lmc-audit: --{name.replace('_', '-')} must be at least 1")

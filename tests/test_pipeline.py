@@ -148,6 +148,8 @@ def test_tokenizer_model_through_the_whole_pipeline(tmp_path, tiny_bpe_model):
     (["--model", "/no/such/model"], "does not exist"),
     (["--chunk-bytes", "0"], "--chunk-bytes must be at least 1"),
     (["--max-batch-rows", "0"], "--max-batch-rows must be at least 1"),
+    (["--part-bytes", "1000"], "part_bytes must be at least 64 KiB"),
+    (["--dedup-rounds", "-1"], "component_rounds must be at least 0"),
 ])
 def test_wrong_options_fail_at_once(tmp_path, argv, message):
     with pytest.raises(SystemExit, match=message):

@@ -22,7 +22,6 @@ write produces the same bytes.
 
 from __future__ import annotations
 
-import hashlib
 from fractions import Fraction
 from array import array
 from collections.abc import Iterable, Iterator
@@ -386,9 +385,7 @@ class WriteDuplicates(beam.PTransform):
         self._parts = parts
 
     def _part(self, element):
-        root = element[0]
-        digest = hashlib.sha1(repr(root).encode()).digest()
-        return int.from_bytes(digest[:8], "big") % self._parts, element
+        return element[2]["cluster_id"] % self._parts, element  # the id is already a hash of the kept document
 
     def expand(self, rows):
         return (rows
