@@ -99,6 +99,19 @@ def test_summary_min_k_is_exact_where_it_says_so_and_within_one_bin_elsewhere():
             signals.min_k_mean(one, k), abs=1e-9)
 
 
+def test_summary_min_k_of_a_long_document_in_one_bin_does_not_overflow():
+    """A random model gives a 4 MB text's 4M tokens nearly one log p: one bin holds them all, and its
+    fixed-point sum times the values taken from it is past int64."""
+    rng = np.random.default_rng(2)
+    values = rng.normal(-5.545, 0.005, 4_000_000).astype(np.float32)
+    merger = signals.SummaryMerger()
+    merger.add(signals.summarize(values, "logp", keep=signals.DOC_LOWEST))
+    for k in (0.2, 0.5):
+        got, is_exact = merger.min_k(k)
+        assert not is_exact
+        assert abs(got - signals.min_k_mean(values, k)) <= 1 / signals.BINS_PER_NAT
+
+
 def test_summaries_are_bounded_and_merge_in_any_order_to_the_same_bits():
     rng = np.random.default_rng(1)
     parts = [-rng.gamma(2.0, 1.0, 2048).astype(np.float32) for _ in range(30)]

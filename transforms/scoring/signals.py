@@ -169,7 +169,8 @@ def min_k_of(count: int, lowest: np.ndarray, floor: float, counts: np.ndarray, s
     total = int(np.sum(sums[:last]))  # exact integers
     taken = int(before[last])
     rest = m - taken
-    value = (total + sums[last] * rest / counts[last]) / (1 << FIXED_BITS)
+    # Python integers: at millions of values a bin's sum times ``rest`` overflows int64.
+    value = (total + int(sums[last]) * rest / int(counts[last])) / (1 << FIXED_BITS)
     return float(value / m), False
 
 
