@@ -22,7 +22,7 @@ from transformers import AutoModelForCausalLM
 from lmc_audit.transforms.scoring.model_handler import CausalLMHandler
 from lmc_audit.transforms.options import ModelOptions
 from lmc_audit.transforms.records import Chunk, ScoredChunk, TokenizedChunk
-from lmc_audit.transforms.scoring.score_chunks import ScoreChunks, _failed_batch_to_rows
+from lmc_audit.transforms.scoring.score_chunks import ScoreChunks
 from lmc_audit.transforms.scoring.tokenization import ChunkTokenizer, padded_length
 
 SIZES = [1, 10, 63, 64, 65, 300, 700, 1500, 2048, 2048]
@@ -106,12 +106,21 @@ def test_flagged_chunks_come_out_unscored(tiny_bpe_model):
         assert_that(out, equal_to([("good", False, ()), ("bad", True, "invalid_utf8")]))
 
 
-def test_failed_batches_are_flagged_not_dropped():
-    c = make_chunks()[0]
-    item = TokenizedChunk(c, (1,), 256, 64)
-    rows = _failed_batch_to_rows(([item, item], RuntimeError("CUDA out of memory")))
-    assert len(rows) == 2 and all(isinstance(r, ScoredChunk) and r.bits is None for r in rows)
-    assert rows[0].flags[0] == "inference_error: RuntimeError: CUDA out of memory"
+def test_failed_batches_are_flagged_not_dropped(tiny_byte_model):
+    """A batch the model really fails on (a token id past its vocabulary) comes out flagged with the error;
+    a chunk the tokenizer flagged passes through with its own flag."""
+    good, bad, flagged = make_chunks()[1:4]
+    handler = CausalLMHandler(tiny_byte_model, device="cpu")
+    model = handler.load_model()
+    ok = handler.run_inference([TokenizedChunk(good, tuple(good.data), 256, 64)], model)
+    assert ok[0].bits > 0 and not ok[0].flags
+    batch = [TokenizedChunk(good, tuple(good.data), 256, 64), TokenizedChunk(bad, (10 ** 6,) * 3, 256, 64),
+             TokenizedChunk(flagged, (), 256, 0, ("invalid_utf8: byte 0",))]
+    rows = handler.run_inference(batch, model)
+    assert [r.chunk for r in rows] == [good, bad, flagged]
+    assert all(isinstance(r, ScoredChunk) and r.bits is None for r in rows)
+    assert rows[0].flags[0].startswith("inference_error: IndexError") and rows[0].flags == rows[1].flags
+    assert rows[2].flags == ("invalid_utf8: byte 0",)
 
 
 def test_score_chunks_validates_arguments(tmp_path, tiny_byte_model):

@@ -74,6 +74,9 @@ class TokenizedChunk:
     targets: tuple[int, ...]
     start_id: int
     padded_length: int
+    # Why the chunk is not scored (``ScoredChunk.flags``); it still goes through RunInference, unscored,
+    # so the scored chunks need no Flatten, which DirectRunner would hold whole in memory.
+    flags: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)

@@ -147,6 +147,13 @@ def token_scores(model, inputs: torch.Tensor, targets: torch.Tensor,
     return signals.token_stats(logits, targets)
 
 
+def failed_rows(batch: Sequence[TokenizedChunk], exc: BaseException) -> list[ScoredChunk]:
+    """A failed batch's chunks, flagged with the error: nothing is dropped."""
+    reason = f"inference_error: {type(exc).__name__}: {exc}"[:500]
+    logging.getLogger(__name__).warning("a batch of %d chunks failed and is flagged: %s", len(batch), reason)
+    return [ScoredChunk(item.chunk, len(item.targets), None, item.padded_length, (reason,)) for item in batch]
+
+
 class CausalLMHandler(ModelHandler[TokenizedChunk, ScoredChunk, LoadedModel]):
     def __init__(self, model_spec: str, device: str = "auto", dtype: str = "auto",
                  trust_remote_code: bool = False, max_batch_tokens: int = 16384,
@@ -182,6 +189,27 @@ class CausalLMHandler(ModelHandler[TokenizedChunk, ScoredChunk, LoadedModel]):
 
     def run_inference(self, batch: Sequence[TokenizedChunk], model: LoadedModel,
                       inference_args: dict[str, Any] | None = None) -> Iterable[ScoredChunk]:
+        """Scored chunks in ``batch`` order. Flagged chunks pass through unscored; a batch the model fails
+        on comes out flagged with the error (what ``RunInference.with_exception_handling`` would route to
+        a separate output, kept in line so the scored chunks need no Flatten)."""
+        results: list[ScoredChunk | None] = [None] * len(batch)
+        todo = []
+        for i, item in enumerate(batch):
+            if item.flags:
+                results[i] = ScoredChunk(item.chunk, len(item.targets), None, 0, item.flags)
+            else:
+                todo.append(i)
+        if not todo:
+            return results
+        try:
+            scored = self._score([batch[i] for i in todo], model)
+        except Exception as exc:  # noqa: BLE001 - any failure of a batch is reported on its chunks
+            scored = failed_rows([batch[i] for i in todo], exc)
+        for i, s in zip(todo, scored):
+            results[i] = s
+        return results
+
+    def _score(self, batch: Sequence[TokenizedChunk], model: LoadedModel) -> list[ScoredChunk]:
         blocks = self._coding is not None and model.scheme == SCHEME_BLOCKS
         by_length: dict[int, list[int]] = {}
         for i, item in enumerate(batch):

@@ -6,7 +6,10 @@ project's handler, unbatched. Beam's ``BatchElements`` length bucketing only
 acts on the streaming path in Beam 2.77, and ``SortAndBatchElements`` holds a
 whole bundle, so the batching is the project's own.
 Chunks the tokenizer flags and batches the model fails on come out as
-flagged ``ScoredChunk`` elements: nothing is dropped.
+flagged ``ScoredChunk`` elements: nothing is dropped. Flagged chunks ride the
+same chain (the handler passes them through unscored) and the handler flags a
+failed batch itself, so the chain has no Flatten: DirectRunner materializes
+every Flatten whole, and this one would hold every scored chunk of the job.
 """
 
 from __future__ import annotations
@@ -22,7 +25,7 @@ from lmc_audit.transforms.scoring.model_handler import CausalLMHandler, CodingOp
 from lmc_audit.transforms.scoring.model_loading import validate_model_spec
 from lmc_audit.transforms.options import ModelOptions
 from lmc_audit.transforms.records import ScoredChunk, TokenizedChunk
-from lmc_audit.transforms.scoring.tokenization import FLAGGED, TokenizeChunksFn
+from lmc_audit.transforms.scoring.tokenization import TokenizeChunksFn
 
 
 class BatchByPaddedLength(beam.DoFn):
@@ -43,6 +46,9 @@ class BatchByPaddedLength(beam.DoFn):
         self._open: dict[tuple, list[TokenizedChunk]] = {}
 
     def process(self, item: TokenizedChunk, window=beam.DoFn.WindowParam):
+        if item.flags:  # not scored: passes through at once
+            yield [item]
+            return
         key = (window, item.padded_length)
         batch = self._open.setdefault(key, [])
         batch.append(item)
@@ -54,12 +60,6 @@ class BatchByPaddedLength(beam.DoFn):
         for (window, _), batch in sorted(self._open.items(), key=lambda kv: kv[0][1]):
             yield WindowedValue(batch, window.max_timestamp(), [window])
         self._open = {}
-
-
-def _failed_batch_to_rows(failure) -> list[ScoredChunk]:
-    batch, exc = failure
-    reason = f"inference_error: {type(exc).__name__}: {exc}"[:500]
-    return [ScoredChunk(item.chunk, len(item.targets), None, item.padded_length, (reason,)) for item in batch]
 
 
 class StoreUncodable(beam.DoFn):
@@ -102,15 +102,8 @@ class ScoreChunks(beam.PTransform):
             self.with_resource_hints(accelerator=model.accelerator)
 
     def expand(self, chunks):
-        tokenized = chunks | "Tokenize" >> beam.ParDo(self._tokenize).with_outputs(FLAGGED, main="main")
-        scored, failed = (
-            tokenized.main
-            | "BatchByPaddedLength" >> beam.ParDo(BatchByPaddedLength(self._max_batch_rows, self._max_batch_tokens))
-            | "RunInference" >> RunInference(self._handler.with_no_batching()).with_exception_handling()
-        )
-        failed_rows = failed.failed_inferences | "FlagFailedBatches" >> beam.FlatMap(_failed_batch_to_rows)
-        return (
-            (scored, tokenized[FLAGGED], failed_rows)
-            | "AllChunks" >> beam.Flatten()
-            | "StoreUncodable" >> beam.ParDo(StoreUncodable(self._coding))
-        )
+        return (chunks
+                | "Tokenize" >> beam.ParDo(self._tokenize)
+                | "BatchByPaddedLength" >> beam.ParDo(BatchByPaddedLength(self._max_batch_rows, self._max_batch_tokens))
+                | "RunInference" >> RunInference(self._handler.with_no_batching())
+                | "StoreUncodable" >> beam.ParDo(StoreUncodable(self._coding)))

@@ -16,10 +16,7 @@ import apache_beam as beam
 import numpy as np
 
 from lmc_audit.transforms.scoring.model_loading import resolve_model_dir
-from lmc_audit.transforms.records import Chunk, ScoredChunk, TokenizedChunk
-
-FLAGGED = "flagged"
-
+from lmc_audit.transforms.records import Chunk, TokenizedChunk
 
 class ChunkTokenizer:
     """Turns chunk bytes into (targets, flags). Empty flags mean the chunk can be scored."""
@@ -96,7 +93,7 @@ class TokenizeChunksFn(beam.DoFn):
     def process(self, chunk: Chunk) -> Iterator:
         targets, flags = self._tok.encode(chunk.data)
         if flags:
-            yield beam.pvalue.TaggedOutput(FLAGGED, ScoredChunk(chunk, len(targets), None, 0, flags))
+            yield TokenizedChunk(chunk, targets, self._tok.start_id, 0, flags)
             return
         yield TokenizedChunk(chunk, targets, self._tok.start_id,
                              padded_length(len(targets), self._granularity, self._tok.max_positions))
