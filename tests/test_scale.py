@@ -233,3 +233,51 @@ def test_a_long_document_spreads_over_its_shards_parts():
     assert set(counts) == set(range(parts)) and max(counts.values()) < 2.5 * slices / parts
     assert part_of(1, 0, "x", 10 ** 6) == 0 and shard_parts(1, True) == 1 and shard_parts(16 << 20, True) == 1
     assert shard_parts((16 << 20) + 1, True) == 2  # compressed: counted at 4x its size
+
+
+def _shard_row(shard: str, documents: int) -> dict:
+    row = {f.name: None for f in schemas.SHARDS}
+    ints = [f.name for f in schemas.SHARDS if not f.nullable and f.type == "int64"]
+    row.update({name: 0 for name in ints}, shard=shard, documents=documents, bits=0.0)
+    return row
+
+
+def test_the_shards_manifest_is_written_in_parts_with_duplicate_counts_joined(tmp_path):
+    """At 100,000 shards no worker holds every shard's row: rows go to parts by a hash of the shard,
+    each part sorted by shard; duplicate counts are joined per shard; parts an earlier run left past
+    this run's count are removed."""
+    import apache_beam as beam
+    from apache_beam.testing.test_pipeline import TestPipeline
+    from apache_beam.testing.util import assert_that, equal_to
+
+    from lmc_audit.transforms.manifests.files import shards_table_part
+    from lmc_audit.transforms.manifests.write import WriteShardsTable
+
+    shards = [f"s3://bucket/shard-{i:04d}.jsonl" for i in range(250)]
+    rows = [_shard_row(s, i % 7) for i, s in enumerate(shards)]
+    duplicates = [(shards[i], (i % 3, 1)) for i in range(0, 250, 10)]
+    out = tmp_path / "out"
+    write_rows(str(out), "shards", "part-00007.parquet", [], schemas.SHARDS)  # left by an earlier run
+    with TestPipeline() as p:
+        done = ((p | "Rows" >> beam.Create(rows), p | "Dups" >> beam.Create(duplicates))
+                | WriteShardsTable(str(out), len(shards), dedup=True, rows_per_part=100))
+        counts = done | beam.Map(lambda d: d["shards"])
+        assert_that(counts, equal_to([250]))
+    files = sorted(p.name for p in (out / "shards").iterdir())
+    assert files == ["part-00000.parquet", "part-00001.parquet", "part-00002.parquet"]
+    got = {}
+    for i, name in enumerate(files):
+        part = pq.read_table(out / "shards" / name).to_pylist()
+        assert [r["shard"] for r in part] == sorted(r["shard"] for r in part) and part
+        assert all(shards_table_part(r["shard"], 3) == i for r in part)
+        got.update({r["shard"]: r for r in part})
+    assert sorted(got) == shards
+    dup = dict(duplicates)
+    for i, s in enumerate(shards):
+        exact, near = dup.get(s, (0, 0))
+        assert (got[s]["exact_duplicates"], got[s]["near_duplicates"]) == (exact, near)
+        assert got[s]["exact_duplicate_rate"] == (exact / (i % 7) if i % 7 else None)
+    assert not (out / "chunks" / "empty.parquet").exists()  # some shard has documents
+    assert (out / "dead_letter" / "empty.parquet").exists()  # none has dead letters
+    with pytest.raises(ValueError, match="rows_per_part"):
+        WriteShardsTable(str(out), 10, rows_per_part=0)

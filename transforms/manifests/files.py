@@ -55,6 +55,18 @@ def part_of(parts: int, position: int, doc_id: str | None, chunk_index: int = 0)
 
 EMPTY = "empty.parquet"
 
+SHARD_ROWS_PER_PART = 10_000  # shards-manifest rows per part file (about 15 MB of rows held by one writer)
+
+
+def shards_table_parts(shards: int, rows_per_part: int = SHARD_ROWS_PER_PART) -> int:
+    """How many part files the shards manifest is written as, for this many listed shards."""
+    return max(1, -(-shards // rows_per_part))
+
+
+def shards_table_part(shard: str, parts: int) -> int:
+    """The shards-manifest part a shard's row goes to: a hash of its path, so parts fill evenly."""
+    return int.from_bytes(hashlib.sha1(shard.encode()).digest()[:8], "big") % parts
+
 
 ROW_GROUP_ROWS = 1 << 16  # rows per Parquet row group: what the writer holds as Arrow at once
 
@@ -142,6 +154,15 @@ def write_bytes(output: str, manifest: str, name: str, data: bytes) -> None:
             except Exception:
                 pass
         raise OutputWriteError(f"{WRITE_ERROR} {target}: {type(exc).__name__}: {exc}") from exc
+
+
+def list_files(output: str, manifest: str) -> list[str]:
+    """Names of the files in ``<output>/<manifest>`` (none when the folder does not exist)."""
+    fs, root = fsspec.core.url_to_fs(output)
+    folder = f"{root.rstrip('/')}/{manifest}"
+    if not fs.exists(folder):
+        return []
+    return sorted(p.rstrip("/").rsplit("/", 1)[-1] for p in fs.ls(folder, detail=False))
 
 
 def remove_file(output: str, manifest: str, name: str) -> None:

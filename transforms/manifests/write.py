@@ -32,7 +32,8 @@ import numpy as np
 
 from lmc_audit.transforms.coding import payloads
 from lmc_audit.transforms.manifests import schemas
-from lmc_audit.transforms.manifests.files import (EMPTY, part_file_name, part_name, part_of, remove_file,
+from lmc_audit.transforms.manifests.files import (EMPTY, SHARD_ROWS_PER_PART, list_files, part_file_name, part_name,
+                                                  part_of, remove_file, shards_table_part, shards_table_parts,
                                                   write_rows)
 from lmc_audit.transforms.manifests.state import STATE_SKETCHES, sketch_row, write_commit_marker
 from lmc_audit.transforms.scoring import signals
@@ -316,34 +317,92 @@ class CommitShard(beam.DoFn):
         yield row
 
 
-class WriteShardsTable(beam.DoFn):
-    """Writes the one-file shards manifest, and empty files where a manifest has none."""
+def _with_duplicate_counts(element) -> Iterator[dict]:
+    _, grouped = element
+    counts = list(grouped["duplicates"])
+    exact, near = counts[0] if counts else (0, 0)
+    for r in grouped["row"]:
+        yield dict(r, exact_duplicates=exact, near_duplicates=near, exact_duplicate_rate=_ratio(exact, r["documents"]),
+                   near_duplicate_rate=_ratio(near, r["documents"]))
 
-    def __init__(self, output: str, dedup: bool = False):
+
+class _WriteShardsPart(beam.DoFn):
+    """Writes one part of the shards manifest, its rows sorted by shard; yields (rows, any with documents,
+    any with dead letters)."""
+
+    def __init__(self, output: str):
         self._output = output
-        self._dedup = dedup
 
-    def process(self, rows: Iterable[dict], duplicates: dict[str, tuple[int, int]]) -> Iterator[dict]:
+    def process(self, element) -> Iterator[tuple[int, bool, bool]]:
+        part, rows = element
         rows = sorted(rows, key=lambda r: r["shard"])
-        for r in rows:
-            exact, near = duplicates.get(r["shard"], (0, 0))
-            r.update(exact_duplicates=exact, near_duplicates=near,
-                     exact_duplicate_rate=_ratio(exact, r["documents"]), near_duplicate_rate=_ratio(near, r["documents"]))
-        write_rows(self._output, "shards", part_name(0), rows, schemas.SHARDS)
+        write_rows(self._output, "shards", part_name(part), rows, schemas.SHARDS)
+        yield len(rows), any(r["documents"] for r in rows), any(r["dead_letters"] for r in rows)
+
+
+def _add_part_totals(totals: Iterable[tuple[int, bool, bool]]) -> tuple[int, bool, bool]:
+    rows, documents, dead = 0, False, False
+    for n, d, x in totals:
+        rows, documents, dead = rows + n, documents or d, dead or x
+    return rows, documents, dead
+
+
+class _FinishManifests(beam.DoFn):
+    """After every shards part: placeholders where a manifest has no file, stale shards parts removed;
+    yields ``{"shards": rows}``."""
+
+    def __init__(self, output: str, parts: int, dedup: bool):
+        self._output, self._parts, self._dedup = output, parts, dedup
+
+    def process(self, totals: tuple[int, bool, bool], duplicate_shards: int) -> Iterator[dict]:
+        rows, has_documents, has_dead = totals
+        # An earlier incremental run over more shards may have left parts past this run's count.
+        for name in list_files(self._output, "shards"):
+            if name.startswith("part-") and name.endswith(".parquet") and name[5:-8].isdigit() \
+                    and int(name[5:-8]) >= self._parts:
+                remove_file(self._output, "shards", name)
         # Every manifest folder holds at least one file, so readers never fail on it; a placeholder
         # left by an earlier incremental run goes once the folder has rows.
-        has_documents, has_dead = any(r["documents"] for r in rows), any(r["dead_letters"] for r in rows)
         placeholders = [("chunks", schemas.CHUNKS, not has_documents),
                         ("documents", schemas.DOCUMENTS, not has_documents),
                         ("dead_letter", schemas.DEAD_LETTER, not has_dead)]
-        if self._dedup and not duplicates:  # no cluster: no part file was written
+        if self._dedup and not duplicate_shards:  # no cluster: no part file was written
             write_rows(self._output, "duplicates", part_name(0), [], schemas.DUPLICATES)
         for manifest, schema, empty in placeholders:
             if empty:
                 write_rows(self._output, manifest, EMPTY, [], schema)
             else:
                 remove_file(self._output, manifest, EMPTY)
-        yield {"shards": len(rows)}
+        yield {"shards": rows}
+
+
+class WriteShardsTable(beam.PTransform):
+    """(shard rows, (shard, (exact, near)) duplicate counts) in; the shards manifest out, in
+    ``shards_table_parts(shards)`` part files of at most about ``SHARD_ROWS_PER_PART`` rows (a hash of the
+    shard path picks the part; rows sorted by shard within it), so no worker holds every shard's row; then
+    ``{"shards": rows}`` once every part is written."""
+
+    def __init__(self, output: str, shards: int, dedup: bool = False, rows_per_part: int = SHARD_ROWS_PER_PART):
+        super().__init__()
+        if shards < 0 or rows_per_part < 1:
+            raise ValueError("shards must be at least 0 and rows_per_part at least 1")
+        self._output, self._parts, self._dedup = output, shards_table_parts(shards, rows_per_part), dedup
+
+    def expand(self, inputs):
+        rows, duplicates = inputs
+        parts = self._parts
+        totals = (
+            {"row": rows | "KeyRowsByShard" >> beam.Map(lambda r: (r["shard"], r)), "duplicates": duplicates}
+            | "JoinDuplicateCounts" >> beam.CoGroupByKey()
+            | "AddDuplicateCounts" >> beam.FlatMap(_with_duplicate_counts)
+            | "KeyRowsByPart" >> beam.Map(lambda r: (shards_table_part(r["shard"], parts), r))
+            | "GroupRowsByPart" >> beam.GroupByKey()
+            | "WriteShardsParts" >> beam.ParDo(_WriteShardsPart(self._output))
+            | "AddPartTotals" >> beam.CombineGlobally(_add_part_totals)
+        )
+        duplicate_shards = duplicates | "CountDuplicateShards" >> beam.combiners.Count.Globally()
+        return totals | "FinishManifests" >> beam.ParDo(_FinishManifests(self._output, parts, self._dedup),
+                                                        beam.pvalue.AsSingleton(duplicate_shards))
 
 
 class _WriteDuplicatesPart(beam.DoFn):
@@ -456,6 +515,8 @@ class WriteManifests(beam.PTransform):
         self._committed = list(committed)
         self._duplicates = duplicates
         self._keys = PartKeys(dict(parts or {}))
+        # Every listed shard (``parts`` covers the whole listing, committed shards too): sizes the shards table.
+        self._shards = max(len(parts or {}), len(self._committed))
 
     def expand(self, inputs):
         chunks, dead_letters, facts, *reference = inputs
@@ -486,10 +547,6 @@ class WriteManifests(beam.PTransform):
         duplicates = self._duplicates
         if duplicates is None:
             duplicates = pipeline | "NoDuplicates" >> beam.Create([])
-        return (
-            (written, committed)
-            | "AllShardRows" >> beam.Flatten()
-            | "CollectShardRows" >> beam.combiners.ToList()
-            | "WriteShardsTable" >> beam.ParDo(WriteShardsTable(self._output, self._duplicates is not None),
-                                               beam.pvalue.AsDict(duplicates))
-        )
+        shard_rows = (written, committed) | "AllShardRows" >> beam.Flatten()
+        return ((shard_rows, duplicates)
+                | "WriteShardsTable" >> WriteShardsTable(self._output, self._shards, self._duplicates is not None))
