@@ -320,7 +320,7 @@ class CommitShard(beam.DoFn):
 def _with_duplicate_counts(element) -> Iterator[dict]:
     _, grouped = element
     counts = list(grouped["duplicates"])
-    exact, near = counts[0] if counts else (0, 0)
+    exact, near = sum(e for e, _ in counts), sum(n for _, n in counts)
     for r in grouped["row"]:
         yield dict(r, exact_duplicates=exact, near_duplicates=near, exact_duplicate_rate=_ratio(exact, r["documents"]),
                    near_duplicate_rate=_ratio(near, r["documents"]))

@@ -46,13 +46,11 @@ class BatchByPaddedLength(beam.DoFn):
         self._open: dict[tuple, list[TokenizedChunk]] = {}
 
     def process(self, item: TokenizedChunk, window=beam.DoFn.WindowParam):
-        if item.flags:  # not scored: passes through at once
-            yield [item]
-            return
-        key = (window, item.padded_length)
+        key = (window, item.padded_length)  # flagged chunks: padded length 0, batched by rows alone
         batch = self._open.setdefault(key, [])
         batch.append(item)
-        if len(batch) >= min(self._max_rows, max(1, self._max_tokens // item.padded_length)):
+        limit = self._max_rows if item.flags else min(self._max_rows, max(1, self._max_tokens // item.padded_length))
+        if len(batch) >= limit:
             del self._open[key]
             yield batch
 

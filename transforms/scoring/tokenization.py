@@ -18,6 +18,7 @@ import numpy as np
 from lmc_audit.transforms.scoring.model_loading import resolve_model_dir
 from lmc_audit.transforms.records import Chunk, TokenizedChunk
 
+
 class ChunkTokenizer:
     """Turns chunk bytes into (targets, flags). Empty flags mean the chunk can be scored."""
 
