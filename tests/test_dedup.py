@@ -125,6 +125,34 @@ def test_verification_rules_find_partial_and_shuffled_copies_but_not_shared_boil
     assert dedup.verify(header_only, licensed[0], DedupOptions(min_length_ratio=0.0)).rule == "containment"
 
 
+def test_the_ncd_join_carries_a_checked_pair_not_the_sketches():
+    """What waits for a pair's NCD bits is a few numbers, whatever the documents' lengths; the verdict is
+    the one the two sketches give, and NCD decides only where no other rule did."""
+    import pickle
+
+    from lmc_audit.transforms.dedup.find_duplicates import JoinedPair, VerifyPair
+
+    opts = DedupOptions()
+    long_text = " ".join(f"w{i} v{i % 97} u{i % 13}" for i in range(30_000))
+    a, b = _sketch("a", long_text), _sketch("b", long_text[:len(long_text) * 6 // 10])
+    assert len(a.shingles) > 100_000  # the sketch holds tens of thousands of n-gram hashes
+    fn = JoinedPair(opts)
+    (pid, checked), *ncd_chunks = list(fn.process((a, b)))
+    assert len(ncd_chunks) == 3 and checked.verdict == dedup.verify(a, b, opts) and checked.verdict.rule
+    assert len(pickle.dumps(checked)) < 1_000 < len(pickle.dumps((a, b))) // 100
+    distinct = _sketch("c", " ".join(f"z{i}" for i in range(5_000)))
+    (pid2, unrelated), *_ = list(JoinedPair(opts).process((a, distinct)))
+    assert unrelated.verdict.rule is None
+    verify = VerifyPair(opts)
+    close = [("x", 100.0), ("y", 100.0), ("xy", 110.0)]  # NCD 0.1
+    far = [("x", 100.0), ("y", 100.0), ("xy", 195.0)]  # NCD 0.95
+    assert [e.rule for e in verify.process((pid2, {"pair": [unrelated], "scored": close}))] == ["ncd"]
+    assert list(verify.process((pid2, {"pair": [unrelated], "scored": far}))) == []
+    (edge,) = verify.process((pid, {"pair": [checked], "scored": far}))
+    assert edge.rule == checked.verdict.rule and edge.ncd == pytest.approx(0.95)
+    assert (edge.a, edge.b, edge.a_info) == (a.key, b.key, (a.shard, a.normalized_hash))
+
+
 def test_ncd_compares_lines_drawn_from_the_whole_text_so_a_shuffled_copy_gives_the_same_sample():
     """NCD's sample is content-defined: a copy with its paragraphs shuffled samples the same lines in the
     same order, though its first kilobyte is another paragraph; a distinct document samples others."""

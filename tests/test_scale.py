@@ -281,3 +281,65 @@ def test_the_shards_manifest_is_written_in_parts_with_duplicate_counts_joined(tm
     assert (out / "dead_letter" / "empty.parquet").exists()  # none has dead letters
     with pytest.raises(ValueError, match="rows_per_part"):
         WriteShardsTable(str(out), 10, rows_per_part=0)
+
+
+def _scored_chunks(doc: int, count: int, known: bool, rng: np.random.Generator):
+    from lmc_audit.transforms.records import Chunk, ScoredChunk
+    from lmc_audit.transforms.scoring import signals
+
+    for i in range(count):
+        data = bytes(rng.integers(97, 123, 2048, dtype=np.uint8))
+        logp, z = -rng.gamma(2.0, 1.0, 2048), rng.normal(0, 1, 2048)
+        chunk = Chunk(f"d{doc}", "s", 0, doc, i, 2048 * i, data, b"\0" * 32, 900, 850, 800,
+                      doc_chunks=count if known else 0)
+        yield ScoredChunk(chunk, 2048, float(-logp.sum() / np.log(2)), 2048,
+                          logp=signals.summarize(logp, "logp"), zscores=signals.summarize(z, "z"))
+
+
+def test_document_numbers_are_finished_where_chunks_are_scored_in_bounded_memory(tmp_path):
+    """Documents whose chunk count is known leave ``AccumulateDocuments`` as a few numbers once their last
+    chunk is in; the table holds at most ``max_open`` documents; partial accumulators (plain-text
+    segments, evicted documents) merge to the same numbers as one accumulator over all the chunks."""
+    import pickle
+
+    import apache_beam as beam
+    from apache_beam.testing.util import assert_that, equal_to
+    from apache_beam.transforms.window import GlobalWindow
+
+    from lmc_audit.transforms.documents.document_stats import AccumulateDocuments, DocumentStats, DocumentStatsFn
+
+    rng = np.random.default_rng(5)
+    docs = {d: list(_scored_chunks(d, 1 + d % 4, known=d != 7, rng=rng)) for d in range(12)}
+    # Chunks interleaved as the batching by padded length leaves them: a document's chunks far apart.
+    stream = [c for group in zip(*[iter(sum(docs.values(), []))] * 3) for c in reversed(group)]
+    stream += sum(docs.values(), [])[len(stream):]
+    assert sorted(id(c) for c in stream) == sorted(id(c) for d in docs.values() for c in d)
+    fn = DocumentStatsFn(0.2)
+
+    def expected(d: int) -> dict:
+        acc = fn.create_accumulator()
+        for c in docs[d]:
+            fn.add_input(acc, c)
+        return fn.extract_output(acc)
+
+    want = [((0, d, f"d{d}"), expected(d)) for d in docs]
+    # The DoFn alone: finished documents leave small, the table stays within max_open.
+    acc_fn = AccumulateDocuments(0.2, max_open=3)
+    acc_fn.start_bundle()
+    out = []
+    for c in stream:
+        out.extend(acc_fn.process(c, window=GlobalWindow()))
+        assert len(acc_fn._open) <= 3
+    out.extend(v.value for v in acc_fn.finish_bundle())
+    done = [v for _, (kind, v) in out if kind == "done"]
+    parts = [v for _, (kind, v) in out if kind == "part"]
+    assert done and parts and all(len(pickle.dumps(v)) < 1_000 for v in done)
+    assert min(len(pickle.dumps(p)) for p in parts) > 8_000  # what no longer travels for finished ones
+    assert all(k[2] != "d7" for k, (kind, _) in out if kind == "done")  # chunk count unknown: never "done"
+    # Through Beam, with a table of 1 (every document in pieces) and the default: the same numbers.
+    for max_open in (1, 2048):
+        with beam.Pipeline() as p:
+            got = p | f"Chunks{max_open}" >> beam.Create(stream, reshuffle=False) | DocumentStats(0.2, max_open)
+            assert_that(got, equal_to(want))
+    with pytest.raises(ValueError, match="max_open"):
+        AccumulateDocuments(0.2, max_open=0)

@@ -45,6 +45,9 @@ class Document:
     position: int  # line (JSONL), row (Parquet) or 0 (text)
     data: bytes
     offset: int = 0
+    # True when ``data`` is the whole document (a JSONL or Parquet record). A plain-text file is read in
+    # segments, and a segment does not know whether more follow.
+    whole: bool = False
 
 
 @dataclass(frozen=True)
@@ -61,6 +64,7 @@ class Chunk:
     zstd_bytes: int
     xz_bytes: int
     size: int = -1  # bytes of the chunk (set from ``data`` when not given)
+    doc_chunks: int = 0  # chunks of the whole document; 0 where not known (a plain-text file's segments)
 
     def __post_init__(self):
         if self.size < 0:

@@ -6,6 +6,7 @@ The steps and the reasons for them are in ``dedup``'s docstring. Counters:
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 from collections.abc import Iterable, Iterator
 
@@ -61,17 +62,32 @@ def _attach_second(element) -> Iterator[tuple[DocSketch, DocSketch]]:
             yield first, sketch
 
 
-class JoinedPair(beam.DoFn):
-    """A candidate pair, and the chunks whose bits give its NCD."""
+@dataclasses.dataclass(frozen=True)
+class CheckedPair:
+    """A candidate pair once its sketches are compared: what the NCD join carries instead of the two
+    sketches (which hold up to ``SHINGLE_CAP`` n-gram hashes each), so that join holds a few numbers a
+    pair."""
 
-    def __init__(self):
+    a: dedup.DocKey
+    b: dedup.DocKey
+    a_info: tuple[str, str]  # (shard, normalized hash)
+    b_info: tuple[str, str]
+    verdict: dedup.Verdict  # every rule but NCD's
+
+
+class JoinedPair(beam.DoFn):
+    """A candidate pair, checked against every rule but NCD's, and the chunks whose bits give its NCD."""
+
+    def __init__(self, options: DedupOptions):
+        self._options = options
         self._pairs = Metrics.counter(NAMESPACE, "dedup_candidate_pairs")
 
     def process(self, pair: tuple[DocSketch, DocSketch]):
         a, b = pair
         self._pairs.inc()
         pid = _pair_id(a.key, b.key)
-        yield pid, (a, b)
+        yield pid, CheckedPair(a.key, b.key, (a.shard, a.normalized_hash), (b.shard, b.normalized_hash),
+                               dedup.verify(a, b, self._options))
         if a.ncd_text and b.ncd_text:
             for role, data in (("x", a.ncd_text), ("y", b.ncd_text), ("xy", a.ncd_text + b.ncd_text)):
                 yield beam.pvalue.TaggedOutput(NCD_CHUNKS, Chunk(
@@ -84,6 +100,8 @@ def _key_by_pair(s: ScoredChunk) -> tuple[str, tuple[str, float | None]]:
 
 
 class VerifyPair(beam.DoFn):
+    """A checked pair and its NCD bits in; an ``Edge`` out when a rule holds (NCD's is the last one)."""
+
     def __init__(self, options: DedupOptions):
         self._options = options
         self._verified = Metrics.counter(NAMESPACE, "dedup_verified_pairs")
@@ -93,13 +111,13 @@ class VerifyPair(beam.DoFn):
         _, grouped = element
         bits = dict(grouped["scored"])
         distance = dedup.ncd(bits.get("x"), bits.get("y"), bits.get("xy"))
-        for a, b in grouped["pair"]:
-            verdict = dedup.verify(a, b, self._options, distance)
-            if verdict.rule is not None:
+        for p in grouped["pair"]:
+            v = p.verdict
+            rule = v.rule or dedup.ncd_rule(distance, self._options)
+            if rule is not None:
                 self._verified.inc()
-                yield Edge(a.key, b.key, verdict.jaccard, distance, (a.shard, a.normalized_hash),
-                           (b.shard, b.normalized_hash), verdict.containment, verdict.line_containment,
-                           verdict.length_ratio, verdict.rule)
+                yield Edge(p.a, p.b, v.jaccard, distance, p.a_info, p.b_info, v.containment, v.line_containment,
+                           v.length_ratio, rule)
 
 
 def _edge_ends(e: Edge) -> Iterator[tuple[dedup.DocKey, Edge]]:
@@ -163,7 +181,7 @@ class FindDuplicates(beam.PTransform):
                   | "JoinFirst" >> beam.CoGroupByKey() | "AttachFirst" >> beam.FlatMap(_attach_first))
         joined = (({"sketch": keyed, "firsts": firsts}
                    | "JoinSecond" >> beam.CoGroupByKey() | "AttachSecond" >> beam.FlatMap(_attach_second))
-                  | "Jaccard" >> beam.ParDo(JoinedPair()).with_outputs(NCD_CHUNKS, main="pairs"))
+                  | "Jaccard" >> beam.ParDo(JoinedPair(o)).with_outputs(NCD_CHUNKS, main="pairs"))
         if self._score is not None:
             scored = (joined.ncd_chunks
                       | "ScoreConcatenations" >> self._score

@@ -373,9 +373,12 @@ def verify(a: DocSketch, b: DocSketch, options: DedupOptions, distance: float | 
     elif (guarded and line_share is not None and lines.both >= options.min_shared_lines
           and line_share >= options.line_containment and grams.containment >= options.line_ngram_floor):
         rule = "lines"
-    elif distance is not None and distance <= options.ncd_threshold:
-        rule = "ncd"
-    return Verdict(grams.jaccard, grams.containment, line_share, ratio, rule)
+    return Verdict(grams.jaccard, grams.containment, line_share, ratio, rule or ncd_rule(distance, options))
+
+
+def ncd_rule(distance: float | None, options: DedupOptions) -> str | None:
+    """The last rule, alone: "ncd" when the model's NCD is at most ``ncd_threshold``."""
+    return "ncd" if distance is not None and distance <= options.ncd_threshold else None
 
 
 def ncd(cx: float | None, cy: float | None, cxy: float | None) -> float | None:

@@ -35,10 +35,12 @@ class ChunkDocumentsFn(beam.DoFn):
         self._baselines = BaselineCompressors()
 
     def process(self, doc: Document) -> Iterator[Chunk]:
+        # Lets a document's numbers be finished where its chunks are scored (``DocumentStats``).
+        doc_chunks = -(-len(doc.data) // self._chunk_bytes) if doc.whole else 0
         for index, offset, data in split_document(doc, self._chunk_bytes):
             zlib_b, zstd_b, xz_b = self._baselines.sizes(data)
             yield Chunk(doc.doc_id, doc.shard, doc.shard_index, doc.position, index, offset, data,
-                        hashlib.sha256(data).digest(), zlib_b, zstd_b, xz_b)
+                        hashlib.sha256(data).digest(), zlib_b, zstd_b, xz_b, doc_chunks=doc_chunks)
 
 
 class ChunkDocuments(beam.PTransform):

@@ -38,7 +38,7 @@ from lmc_audit.transforms.manifests.files import (EMPTY, SHARD_ROWS_PER_PART, li
 from lmc_audit.transforms.manifests.state import STATE_SKETCHES, sketch_row, write_commit_marker
 from lmc_audit.transforms.scoring import signals
 from lmc_audit.transforms.documents.document_facts import DocumentDescriber, DocumentFacts
-from lmc_audit.transforms.documents.document_stats import DocKey, DocumentStatsFn, merge_into_first
+from lmc_audit.transforms.documents.document_stats import DocKey, DocumentStats, DocumentStatsFn, merge_into_first
 from lmc_audit.transforms.records import DeadLetter, ScoredChunk
 from lmc_audit.transforms.scoring.signals import SignalOptions
 
@@ -245,6 +245,18 @@ def payload_row(s: ScoredChunk) -> dict:
             "method": method, "recipe": s.recipe or "stored", "payload": s.payload}
 
 
+CHUNK_COLUMNS = tuple(schemas.CHUNKS.names)
+_DOC_ID, _SHARD, _POSITION, _CHUNK_INDEX = (CHUNK_COLUMNS.index(n) for n in ("doc_id", "shard", "position",
+                                                                            "chunk_index"))
+
+
+def payload_row_of(chunk: tuple, payload: tuple) -> dict:
+    """A payload row from a chunk row tuple and its (method, recipe, payload)."""
+    method, recipe, data = payload
+    return {"doc_id": chunk[_DOC_ID], "shard": chunk[_SHARD], "position": chunk[_POSITION],
+            "chunk_index": chunk[_CHUNK_INDEX], "method": method, "recipe": recipe, "payload": data}
+
+
 def dead_letter_row(d: DeadLetter) -> dict:
     return {"shard": d.shard, "position": d.position, "doc_id": d.doc_id, "reason": d.reason}
 
@@ -264,14 +276,14 @@ class WritePartFiles(beam.DoFn):
 
     def process(self, element) -> Iterator[tuple[int, tuple[int, str, ShardTotals]]]:
         (index, part), grouped = element
-        chunks = sorted(grouped["chunks"], key=lambda c: (c[0]["position"], c[0]["doc_id"], c[0]["chunk_index"]))
+        chunks = sorted(grouped["chunks"], key=lambda c: (c[0][_POSITION], c[0][_DOC_ID], c[0][_CHUNK_INDEX]))
         stats = sorted(grouped["documents"], key=lambda d: (d[0][1], d[0][2]))
         dead = sorted(grouped["dead_letter"], key=lambda d: (d.position, d.doc_id or "", d.reason))
         facts = {(f.key[1], f.key[2]): f for f in grouped["facts"]}
         has_reference = "reference" in grouped
         references = {(r[0], r[1], r[2]): r[3] for r in grouped.get("reference", ())}
         document_references = {(k[1], k[2]): bits for k, bits in grouped.get("document_reference", ())}
-        shard = chunks[0][0]["shard"] if chunks else dead[0].shard  # a part with documents has their first chunks
+        shard = chunks[0][0][_SHARD] if chunks else dead[0].shard  # a part with documents has their first chunks
         totals = ShardTotals()
         docs = []
         for key, numbers in stats:
@@ -282,13 +294,14 @@ class WritePartFiles(beam.DoFn):
         totals.dead_letters = len(dead)
         name = part_file_name(shard, part)
         if chunks:
+            rows = (dict(zip(CHUNK_COLUMNS, packed)) for packed, _ in chunks)
             if has_reference:
-                for row, _ in chunks:
-                    row["reference_bits"] = references.get((row["position"], row["doc_id"], row["chunk_index"]))
-            write_rows(self._output, "chunks", name, (row for row, _ in chunks), schemas.CHUNKS)
+                rows = (dict(row, reference_bits=references.get((row["position"], row["doc_id"], row["chunk_index"])))
+                        for row in rows)
+            write_rows(self._output, "chunks", name, rows, schemas.CHUNKS)
             if any(p is not None for _, p in chunks):
-                write_rows(self._output, "payloads", name, (p for _, p in chunks if p is not None),
-                           schemas.PAYLOADS)
+                write_rows(self._output, "payloads", name,
+                           (payload_row_of(c, p) for c, p in chunks if p is not None), schemas.PAYLOADS)
         if docs:
             write_rows(self._output, "documents", name, docs, schemas.DOCUMENTS)
         if dead:
@@ -464,10 +477,17 @@ class PartKeys:
         return index, part_of(self._parts.get(index, 1), position, doc_id, chunk_index)
 
     def chunk_rows(self, s: ScoredChunk, k: float):
-        """A scored chunk as what its part's group needs: its chunk row and payload row."""
+        """A scored chunk as what its part's group needs: its chunk row as a tuple in ``CHUNK_COLUMNS``
+        order and its payload's (method, recipe, payload). Tuples, not dicts: a dict repeats its 19 column
+        names in every element, and a runner that holds a group decoded (DirectRunner) holds them all."""
         c = s.chunk
+        row = chunk_row(s, k)
+        payload = None
+        if s.payload is not None:
+            p = payload_row(s)
+            payload = (p["method"], p["recipe"], p["payload"])
         return (self.part(c.shard_index, c.position, c.doc_id, c.chunk_index),
-                (chunk_row(s, k), payload_row(s) if s.payload is not None else None))
+                (tuple(row[name] for name in CHUNK_COLUMNS), payload))
 
     def document(self, element):
         key, value = element
@@ -522,8 +542,7 @@ class WriteManifests(beam.PTransform):
         chunks, dead_letters, facts, *reference = inputs
         keys = self._keys
         documents = (chunks
-                     | "KeyByDocument" >> beam.Map(_by_document)
-                     | "DocumentStats" >> beam.CombinePerKey(DocumentStatsFn(self._signals.k))
+                     | "DocumentStats" >> DocumentStats(self._signals.k)
                      | "KeyDocumentsByPart" >> beam.Map(keys.document))
         grouped = {"chunks": chunks | "ChunkRows" >> beam.Map(keys.chunk_rows, self._signals.k),
                    "documents": documents,

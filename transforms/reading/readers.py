@@ -80,7 +80,7 @@ class ShardReader:
                               f"text field {self.text_field!r} is {type(text).__name__}, not a string")
         if not data:
             return DeadLetter(shard.path, shard.index, position, doc_id, "empty document")
-        return Document(doc_id, shard.path, shard.index, position, data)
+        return Document(doc_id, shard.path, shard.index, position, data, whole=True)
 
 
 class TextReader(ShardReader):
