@@ -238,11 +238,10 @@ def shard_row(shard: str, docs: list[dict], dead_letters: int) -> dict:
     return totals.row(shard)
 
 
-def payload_row(s: ScoredChunk) -> dict:
-    c = s.chunk
+def payload_fields(s: ScoredChunk) -> tuple[str, str, bytes]:
+    """(method, recipe, payload) of a coded chunk: its payload row besides the chunk's own columns."""
     method = "stored" if s.payload[payloads.METHOD_OFFSET] == payloads.METHOD_STORED else "model"
-    return {"doc_id": c.doc_id, "shard": c.shard, "position": c.position, "chunk_index": c.chunk_index,
-            "method": method, "recipe": s.recipe or "stored", "payload": s.payload}
+    return method, s.recipe or "stored", s.payload
 
 
 CHUNK_COLUMNS = tuple(schemas.CHUNKS.names)
@@ -251,7 +250,7 @@ _DOC_ID, _SHARD, _POSITION, _CHUNK_INDEX = (CHUNK_COLUMNS.index(n) for n in ("do
 
 
 def payload_row_of(chunk: tuple, payload: tuple) -> dict:
-    """A payload row from a chunk row tuple and its (method, recipe, payload)."""
+    """A payload row from a chunk row tuple and its ``payload_fields``."""
     method, recipe, data = payload
     return {"doc_id": chunk[_DOC_ID], "shard": chunk[_SHARD], "position": chunk[_POSITION],
             "chunk_index": chunk[_CHUNK_INDEX], "method": method, "recipe": recipe, "payload": data}
@@ -294,11 +293,14 @@ class WritePartFiles(beam.DoFn):
         totals.dead_letters = len(dead)
         name = part_file_name(shard, part)
         if chunks:
-            rows = (dict(zip(CHUNK_COLUMNS, packed)) for packed, _ in chunks)
-            if has_reference:
-                rows = (dict(row, reference_bits=references.get((row["position"], row["doc_id"], row["chunk_index"])))
-                        for row in rows)
-            write_rows(self._output, "chunks", name, rows, schemas.CHUNKS)
+            def rows() -> Iterator[dict]:
+                for packed, _ in chunks:
+                    row = dict(zip(CHUNK_COLUMNS, packed))
+                    if has_reference:
+                        row["reference_bits"] = references.get((row["position"], row["doc_id"], row["chunk_index"]))
+                    yield row
+
+            write_rows(self._output, "chunks", name, rows(), schemas.CHUNKS)
             if any(p is not None for _, p in chunks):
                 write_rows(self._output, "payloads", name,
                            (payload_row_of(c, p) for c, p in chunks if p is not None), schemas.PAYLOADS)
@@ -482,12 +484,8 @@ class PartKeys:
         names in every element, and a runner that holds a group decoded (DirectRunner) holds them all."""
         c = s.chunk
         row = chunk_row(s, k)
-        payload = None
-        if s.payload is not None:
-            p = payload_row(s)
-            payload = (p["method"], p["recipe"], p["payload"])
         return (self.part(c.shard_index, c.position, c.doc_id, c.chunk_index),
-                (tuple(row[name] for name in CHUNK_COLUMNS), payload))
+                (tuple(row[name] for name in CHUNK_COLUMNS), payload_fields(s) if s.payload is not None else None))
 
     def document(self, element):
         key, value = element
