@@ -27,7 +27,7 @@ from lmc_audit.transforms.reading.listing import FORMATS, is_inside, list_shards
 from lmc_audit.transforms.coding.decoding import VerifyPayloads, verification_buckets
 from lmc_audit.transforms.dedup.sketches import NORMALIZERS, DedupOptions
 from lmc_audit.transforms.dedup.find_duplicates import FindDuplicates
-from lmc_audit.transforms.manifests.files import shard_parts
+from lmc_audit.transforms.manifests.files import PART_BYTES, shard_parts
 from lmc_audit.transforms.manifests.state import MANIFEST_DIRS, LoadCommittedSketches, plan_incremental, shard_key
 from lmc_audit.transforms.manifests.write import WriteDuplicates, WriteManifests
 from lmc_audit.transforms.options import AuditOptions, ModelOptions, OutputOptions, ReadOptions
@@ -65,10 +65,10 @@ def build_parser() -> argparse.ArgumentParser:
     src.add_argument("--split-bytes", type=int, default=64 << 20,
                      help="uncompressed JSONL shards larger than this are read in byte ranges in parallel (default 64 MiB)")
     p.add_argument("--output", required=True, help="directory or fsspec URL for the manifests")
-    p.add_argument("--part-bytes", type=int, default=64 << 20,
+    p.add_argument("--part-bytes", type=int, default=PART_BYTES,
                    help="a shard's manifests are written as one part file per this many bytes of its text "
                         "(compressed files and Parquet counted at 4x their size), in parallel; a writer holds "
-                        "one part's rows (default 64 MiB)")
+                        "one part's rows and payloads (default 16 MiB)")
     p.add_argument("--overwrite", action="store_true", help="replace manifests already in --output")
     p.add_argument("--incremental", action="store_true",
                    help="keep the shards in --output already audited with the same model and options (and "

@@ -182,6 +182,30 @@ def test_decoder_window_is_free_in_the_forward_scheme(bundled_lm):
         assert decoder.stats.tokens_per_row_forward > 1.0
 
 
+def test_expected_bytes_speed_decoding_and_never_change_what_decodes(bundled_lm):
+    """A verifier's expected bytes are guesses only: right ones decode a whole wide window per forward,
+    wrong ones (an edit, another text) still give exactly the payload's bytes."""
+    text = (Path(bundled_sample_dir()) / "howto__sorting.txt").read_bytes()
+    datas = [text[:1500], text[1500:2048]]
+    scored, _ = code_and_decode(resolve_model_dir("bundled"), datas)
+    payloads = [s.payload for s in scored]
+    blind = PayloadDecoder("bundled", "cpu")
+    assert blind.decode(payloads) == datas
+    hinted = PayloadDecoder("bundled", "cpu")
+    assert hinted.decode(payloads, expected=datas) == datas
+    # Every token still comes from the bitstream; right guesses cut the forwards several fold.
+    assert hinted.stats.tokens == blind.stats.tokens == sum(map(len, datas))
+    assert hinted.forwards * 5 < blind.forwards
+    edited = [datas[0][:700] + b"#" * 20 + datas[0][720:], b"another text altogether"]
+    wrong = PayloadDecoder("bundled", "cpu")
+    assert wrong.decode(payloads, expected=edited) == datas
+    assert hinted.forwards < wrong.forwards
+    # A payload that does not hold the expected bytes is not made to: the CRC check still fails it.
+    corrupt = payloads[0][:-8] + bytes(8)
+    got = PayloadDecoder("bundled", "cpu").decode([corrupt], expected=[datas[0]])[0]
+    assert isinstance(got, PayloadError)
+
+
 def test_tokenizer_model_chunk_round_trip(tiny_bpe_model):
     datas = ["def add(a, b):\n    return a + b\n".encode(), "ünïcödé ✓ text".encode()]
     scored, decoded = code_and_decode(tiny_bpe_model, datas)

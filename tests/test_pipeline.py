@@ -209,7 +209,7 @@ def test_one_frozen_options_object_with_a_part_per_stage(tmp_path):
     o = audit_options(args, "ab" * 32)
     assert o.read.chunk_bytes == 512 and o.model.device == "cpu" and o.dedup is None
     assert o.reference == dataclasses.replace(o.model, spec="ref") and o.coding.fingerprint == "ab" * 32
-    assert o.model.accelerator.startswith("type:nvidia-l4") and o.output.part_bytes == 64 << 20
+    assert o.model.accelerator.startswith("type:nvidia-l4") and o.output.part_bytes == 16 << 20
     with pytest.raises(dataclasses.FrozenInstanceError):
         o.model.device = "cuda"
     with pytest.raises(ValueError, match="part_bytes"):

@@ -54,12 +54,17 @@ class ModelOptions:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
 
 
+# Default text bytes per part file: a writer holds one part's chunk rows and payloads (with a byte-level
+# model a payload is up to the chunk's size), so this bounds the writer, not the shard.
+PART_BYTES = 16 << 20
+
+
 @dataclass(frozen=True)
 class OutputOptions:
     """Where the manifests go and how a shard's files are cut."""
 
     path: str
-    part_bytes: int = 64 << 20  # a shard is written as one part file per this many bytes of its text
+    part_bytes: int = PART_BYTES  # a shard is written as one part file per this many bytes of its text
 
     def __post_init__(self):
         if not self.path:

@@ -41,6 +41,7 @@ own argmax at the next positions (Jacobi decoding).
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -54,6 +55,13 @@ from lmc_audit.transforms.scoring.tokenization import teacher_forcing
 LN2 = math.log(2.0)
 MIN_TOKENS = 16  # default least token rows per forward (see the shape rule above)
 MIN_WINDOW = 4
+HINTED_WINDOW = 64  # widest window of a decode whose expected tokens are known: the load-time check's wide ones
+HINTED_TOKENS = 1024  # token rows of such a forward: [rows, heads, window, keys] attention scores stay small
+
+
+def hinted_width(rows: int) -> int:
+    """Window of a decode with expected tokens: up to ``HINTED_WINDOW``, at most ``HINTED_TOKENS`` token rows."""
+    return max(MIN_WINDOW, min(HINTED_WINDOW, HINTED_TOKENS // max(1, rows)) // MIN_WINDOW * MIN_WINDOW)
 
 
 def rows_for(rows: int, length: int, min_tokens: int) -> int:
@@ -209,7 +217,12 @@ class ReplayDecoder:
         return max(rows, -(-self.min_tokens // width)), width
 
     @torch.inference_mode()
-    def decode(self, streams: list[bytes], n_tokens: list[int], length: int) -> tuple[list[np.ndarray], DecodeStats]:
+    def decode(self, streams: list[bytes], n_tokens: list[int], length: int,
+               expected: Sequence[np.ndarray | None] | None = None) -> tuple[list[np.ndarray], DecodeStats]:
+        """Token ids of each stream. ``expected``: the tokens each row should decode to, when known (a
+        verifier has the chunk): they are the guesses, in windows of ``hinted_width`` positions. Every
+        token is still decoded from the stream, and each guess is checked against it, so the result is
+        the same as without them; right guesses only let one forward decode a whole window."""
         if not streams:
             return [], DecodeStats()
         if max(n_tokens) > length:
@@ -218,11 +231,20 @@ class ReplayDecoder:
             raise ValueError(f"padded length {length} is shorter than a replay window ({MIN_WINDOW})")
         real = len(streams)
         rows, width = self.shape(real, length)
+        hints: list[np.ndarray | None] = [None] * rows
+        if expected is not None:
+            if len(expected) != real:
+                raise ValueError(f"{len(expected)} expected token rows for {real} streams")
+            hints[:real] = [None if e is None else np.asarray(e, np.int64)[:length] for e in expected]
+            width = min(length, max(width, hinted_width(rows)))
         n = np.zeros(rows, np.int64)
         n[:real] = n_tokens
         decoders = range_coder.RangeDecoders(list(streams) + [b""] * (rows - real), self.precision)
         inputs = np.full((rows, length), self.pad_id, np.int64)
         inputs[:, 0] = self.start_id
+        for r, hint in enumerate(hints):
+            if hint is not None:
+                inputs[r, 1:1 + len(hint[:length - 1])] = hint[:length - 1]
         out = np.zeros((rows, length), np.int64)
         known = np.zeros(rows, np.int64)  # targets decoded per row; inputs up to position known[r] are exact
         keys = [self.guesser.start() for _ in range(rows)]
@@ -269,10 +291,10 @@ class ReplayDecoder:
                             live[r] = False
                     if not live.any():
                         break
-                self._guess(inputs, known, n, starts, width, logits, keys, stats)
+                self._guess(inputs, out, known, n, starts, width, logits, keys, stats, hints)
         return [out[r, :n[r]].copy() for r in range(real)], stats
 
-    def _guess(self, inputs, known, n, starts, width, logits, keys, stats) -> None:
+    def _guess(self, inputs, out, known, n, starts, width, logits, keys, stats, hints) -> None:
         length = inputs.shape[1]
         argmax = None
         for r in np.flatnonzero(known < n):
@@ -280,6 +302,11 @@ class ReplayDecoder:
             count = min(width - 1, length - first)
             if count <= 0:
                 continue
+            hint = hints[r]
+            if hint is not None:
+                if len(hint) >= first and out[r, first - 2] == hint[first - 2]:
+                    continue  # the expected tokens still hold: the inputs ahead are already them
+                hints[r] = None  # the row decodes to something else: guess from what it decodes
             guess = self.guesser.guess(keys[r], count)
             if guess:
                 stats.guessed["lookup"] += 1

@@ -48,18 +48,31 @@ class PairBuckets(beam.DoFn):
         yield from pairs
 
 
-def _attach_first(element) -> Iterator[tuple[dedup.DocKey, DocSketch]]:
-    _, grouped = element
-    for sketch in grouped["sketch"]:
-        for other in grouped["pairs"]:
-            yield other, sketch
+_OWN, _FIRST = 0, 1  # what a document's group in ``MeetSecond`` holds: its own sketch, or a pair's first sketch
 
 
-def _attach_second(element) -> Iterator[tuple[DocSketch, DocSketch]]:
-    _, grouped = element
-    for sketch in grouped["sketch"]:
-        for first in grouped["firsts"]:
-            yield first, sketch
+def _route_sketch(element) -> Iterator[tuple[dedup.DocKey, tuple[int, DocSketch]]]:
+    """A document's sketch, its pairs as first and as second in; the sketch out to where it is compared.
+
+    Each pair meets at its second document: the first's sketch goes there once per pair, the second's
+    own sketch once per document. One grouping then gives both halves of every pair, so the sketches
+    cross one join instead of two, and the pairs' copies go straight into that grouping."""
+    key, grouped = element
+    for sketch in grouped["sketch"]:  # exactly one
+        for second in grouped["as_first"]:
+            yield second, (_FIRST, sketch)
+        if any(True for _ in grouped["as_second"]):
+            yield key, (_OWN, sketch)
+
+
+def _pair_at_second(element) -> Iterator[tuple[DocSketch, DocSketch]]:
+    _, routed = element
+    own = next((s for tag, s in routed if tag == _OWN), None)
+    if own is None:
+        raise ValueError("a candidate pair's second document has no sketch")
+    for tag, first in routed:
+        if tag == _FIRST:
+            yield first, own
 
 
 @dataclasses.dataclass(frozen=True)
@@ -177,10 +190,13 @@ class FindDuplicates(beam.PTransform):
                  | "BucketPairs" >> beam.ParDo(PairBuckets(o.max_bucket, o.bucket_centers))
                  | "UniquePairs" >> beam.Distinct())
         keyed = sketches | "KeyByDoc" >> beam.Map(lambda s: (s.key, s))
-        firsts = ({"sketch": keyed, "pairs": pairs}
-                  | "JoinFirst" >> beam.CoGroupByKey() | "AttachFirst" >> beam.FlatMap(_attach_first))
-        joined = (({"sketch": keyed, "firsts": firsts}
-                   | "JoinSecond" >> beam.CoGroupByKey() | "AttachSecond" >> beam.FlatMap(_attach_second))
+        joined = ({"sketch": keyed,
+                   "as_first": pairs | "KeyByFirst" >> beam.Map(lambda p: (p[0], p[1])),
+                   "as_second": pairs | "KeyBySecond" >> beam.Map(lambda p: (p[1], p[0]))}
+                  | "JoinSketchAndPairs" >> beam.CoGroupByKey()
+                  | "RouteSketches" >> beam.FlatMap(_route_sketch)
+                  | "MeetSecond" >> beam.GroupByKey()
+                  | "PairSketches" >> beam.FlatMap(_pair_at_second)
                   | "Jaccard" >> beam.ParDo(JoinedPair(o)).with_outputs(NCD_CHUNKS, main="pairs"))
         if self._score is not None:
             scored = (joined.ncd_chunks

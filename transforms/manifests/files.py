@@ -13,6 +13,7 @@ import fsspec
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from lmc_audit.transforms.options import PART_BYTES
 from lmc_audit.transforms.progress import Progress
 
 
@@ -34,7 +35,6 @@ def part_file_name(shard: str, part: int) -> str:
     return f"{shard_file_prefix(shard)}-{part:05d}.parquet"
 
 
-PART_BYTES = 64 << 20  # default text bytes per part file: what one writer holds the rows of
 COMPRESSED_EXPANSION = 4  # a compressed file (or Parquet) is counted at this many times its size
 SLICE_CHUNKS = 1024  # a document's chunks go to parts in slices of this many
 
