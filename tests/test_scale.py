@@ -225,14 +225,17 @@ def test_a_long_document_spreads_over_its_shards_parts():
     from collections import Counter
 
     from lmc_audit.transforms.manifests.files import SLICE_CHUNKS, part_of, shard_parts
+    from lmc_audit.transforms.options import PART_BYTES
 
+    assert PART_BYTES == 16 << 20
     parts = shard_parts(500 << 20, False)
-    assert parts == 8
+    assert parts == 32
     slices = (500 << 20) // 2048 // SLICE_CHUNKS
     counts = Counter(part_of(parts, 0, "books/long.txt#0", i * SLICE_CHUNKS) for i in range(slices))
     assert set(counts) == set(range(parts)) and max(counts.values()) < 2.5 * slices / parts
-    assert part_of(1, 0, "x", 10 ** 6) == 0 and shard_parts(1, True) == 1 and shard_parts(16 << 20, True) == 1
-    assert shard_parts((16 << 20) + 1, True) == 2  # compressed: counted at 4x its size
+    assert part_of(1, 0, "x", 10 ** 6) == 0 and shard_parts(1, True) == 1 and shard_parts(4 << 20, True) == 1
+    assert shard_parts((4 << 20) + 1, True) == 2  # compressed: counted at 4x its size
+    assert shard_parts((16 << 20) + 1, True, 64 << 20) == 2  # --part-bytes 64 MiB
 
 
 def _shard_row(shard: str, documents: int) -> dict:
