@@ -108,7 +108,7 @@ class DecodeStats:
     forwards: int = 0
     row_forwards: int = 0  # sum over forwards of the rows still decoding
     tokens: int = 0
-    guessed: dict = field(default_factory=lambda: {"lookup": 0, "argmax": 0})
+    guessed: dict = field(default_factory=lambda: {"expected": 0, "lookup": 0, "argmax": 0})
 
     @property
     def tokens_per_row_forward(self) -> float:
@@ -305,6 +305,7 @@ class ReplayDecoder:
             hint = hints[r]
             if hint is not None:
                 if len(hint) >= first and out[r, first - 2] == hint[first - 2]:
+                    stats.guessed["expected"] += 1
                     continue  # the expected tokens still hold: the inputs ahead are already them
                 hints[r] = None  # the row decodes to something else: guess from what it decodes
             guess = self.guesser.guess(keys[r], count)
