@@ -19,18 +19,20 @@ from pathlib import Path
 
 import apache_beam as beam
 import fsspec
-from apache_beam.options.pipeline_options import GoogleCloudOptions, PipelineOptions, SetupOptions, TestOptions
+from apache_beam.options.pipeline_options import (GoogleCloudOptions, PipelineOptions, SetupOptions, StandardOptions,
+                                                  TestOptions)
 
 from lmc_audit.pipelines.run_record import WriteRunRecord, read_record, verification_message, write_record
 from lmc_audit.transforms.documents.chunking import DEFAULT_CHUNK_BYTES, ChunkDocuments
 from lmc_audit.transforms.reading.listing import FORMATS, is_inside, list_shards, normalize_location
+from lmc_audit.transforms.coding import range_coder
 from lmc_audit.transforms.coding.decoding import VerifyPayloads, verification_buckets
 from lmc_audit.transforms.dedup.sketches import NORMALIZERS, DedupOptions
 from lmc_audit.transforms.dedup.find_duplicates import FindDuplicates
-from lmc_audit.transforms.manifests.files import PART_BYTES, shard_parts
+from lmc_audit.transforms.manifests.files import shard_parts
 from lmc_audit.transforms.manifests.state import MANIFEST_DIRS, LoadCommittedSketches, plan_incremental, shard_key
 from lmc_audit.transforms.manifests.write import WriteDuplicates, WriteManifests
-from lmc_audit.transforms.options import AuditOptions, ModelOptions, OutputOptions, ReadOptions
+from lmc_audit.transforms.options import PART_BYTES, AuditOptions, ModelOptions, OutputOptions, ReadOptions
 from lmc_audit.transforms.scoring.model_handler import CodingOptions
 from lmc_audit.transforms.scoring.model_loading import (BUNDLED, model_fingerprint, resolve_model_dir,
                                                 validate_model_spec)
@@ -97,8 +99,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "'type:nvidia-l4;count:1;install-nvidia-driver' (reading and writing stay on CPU workers)")
     m.add_argument("--trust-remote-code", action="store_true",
                    help="let transformers run code shipped with the model (off by default)")
-    m.add_argument("--max-batch-tokens", type=int, default=16384,
-                   help="padded positions per forward pass (rows x padded length)")
+    m.add_argument("--max-batch-tokens", type=int, default=None,
+                   help="padded positions per forward pass (rows x padded length; default 8192 on CPU, "
+                        "16384 on GPU; the manifests and payloads do not depend on it)")
     m.add_argument("--max-batch-rows", type=int, default=64, help="chunks per batch handed to the model")
     m.add_argument("--length-granularity", type=int, default=64,
                    help="chunks are padded to a multiple of this many tokens (the shape depends on the chunk alone)")
@@ -259,7 +262,7 @@ def validate(args: argparse.Namespace) -> None:
         raise SystemExit(f"lmc-audit: --length-granularity ({args.length_granularity}) must be a multiple of "
                          f"--coding-block ({args.coding_block})")
     for name in ("max_batch_tokens", "max_batch_rows", "length_granularity", "coding_rows", "coding_block"):
-        if getattr(args, name) < 1:
+        if getattr(args, name) is not None and getattr(args, name) < 1:
             raise SystemExit(f"lmc-audit: --{name.replace('_', '-')} must be at least 1")
     try:
         validate_model_spec(args.model)
@@ -422,6 +425,8 @@ def run(argv: list[str] | None = None, test_pipeline: beam.Pipeline | None = Non
     check_beam_flags(parser, beam_args)
     validate(args)
     started = time.time()
+    # A job that runs here codes on this machine: numba's kernels compile on an idle core meanwhile.
+    warmer = range_coder.warm_in_background() if args.coding and runs_here(beam_args) else None
     shards, listing_errors = list_shards(args.input, args.format)
     shards = leave_out_output(shards, args.output)
     check_first_records(shards, args)
@@ -526,6 +531,10 @@ def run(argv: list[str] | None = None, test_pipeline: beam.Pipeline | None = Non
     if not counts["reconciled"]:
         print(f"[lmc-audit] WARNING: {counts['input_records']} input records but {counts['documents']} documents "
               f"+ {counts['dead_letters']} dead letters", file=sys.stderr)
+    if warmer is not None and warmer.poll() is None:
+        warmer.kill()  # only a job that failed early gets here before it is done
+    if warmer is not None:
+        warmer.wait()
     if not args.quiet:
         from lmc_audit.pipelines.summary import print_summary
 
@@ -563,6 +572,12 @@ def _record_if_written(output: str) -> dict | None:
         return read_record(output)
     except (FileNotFoundError, ValueError):
         return None
+
+
+def runs_here(beam_args: list[str]) -> bool:
+    """True when the job's steps run in this process's machine (a local runner, the default)."""
+    runner = PipelineOptions(beam_args).view_as(StandardOptions).runner
+    return runner is None or any(name in str(runner) for name in ("Direct", "FnApi", "Prism"))
 
 
 def builds_job_only(options: PipelineOptions, result) -> bool:

@@ -136,3 +136,12 @@ def test_quantize_fixed_total_min_one_and_lookup_inverts_pick(seed, vocab, scale
     p = torch.softmax(logits.double(), -1).gather(-1, symbols[..., None])[..., 0]
     coded = precision - torch.log2(freq.double())
     assert torch.all(coded - (-torch.log2(p)) < vocab / (1 << precision) / math.log(2) * 4 + 1e-3)
+
+
+def test_kernels_warm_in_a_helper_process(monkeypatch):
+    """The helper a local job starts runs to the end (its output goes nowhere, so only its exit says it
+    works), and a process starts it once."""
+    monkeypatch.setattr(rc, "_WARMING", False)
+    helper = rc.warm_in_background()
+    assert helper is not None and helper.wait(timeout=120) == 0
+    assert rc.warm_in_background() is None

@@ -20,7 +20,7 @@ from apache_beam.testing.util import assert_that, equal_to
 from transformers import AutoModelForCausalLM
 
 from lmc_audit.transforms.scoring.model_handler import CausalLMHandler
-from lmc_audit.transforms.options import ModelOptions
+from lmc_audit.transforms.options import BATCH_TOKENS, ModelOptions
 from lmc_audit.transforms.records import Chunk, ScoredChunk, TokenizedChunk
 from lmc_audit.transforms.scoring.score_chunks import ScoreChunks
 from lmc_audit.transforms.scoring.tokenization import ChunkTokenizer, padded_length
@@ -132,3 +132,13 @@ def test_score_chunks_validates_arguments(tmp_path, tiny_byte_model):
         ScoreChunks(ModelOptions(tiny_byte_model, device="tpu"))
     with pytest.raises(ValueError, match="max_batch_rows"):
         ModelOptions(tiny_byte_model, max_batch_rows=0)
+
+
+def test_forward_size_defaults_to_the_device(tiny_byte_model):
+    """Without --max-batch-tokens a CPU forward holds BATCH_TOKENS["cpu"] positions (smaller than a GPU's);
+    an explicit value wins on any device."""
+    lm = CausalLMHandler(tiny_byte_model, device="cpu").load_model()
+    assert CausalLMHandler(tiny_byte_model, device="cpu").tokens_per_forward(lm) == BATCH_TOKENS["cpu"]
+    assert BATCH_TOKENS["cpu"] < BATCH_TOKENS["cuda"]
+    assert CausalLMHandler(tiny_byte_model, device="cpu", max_batch_tokens=1 << 16).tokens_per_forward(lm) == 1 << 16
+    assert ModelOptions().max_batch_tokens is None

@@ -51,6 +51,7 @@ from lmc_audit.transforms.coding.block_coding import MIN_TOKENS, BlockCoder, cod
 from lmc_audit.transforms.scoring.model_loading import resolve_model_dir
 from lmc_audit.transforms.coding.payloads import (METHOD_MODEL, SCHEME_BLOCKS, SCHEME_FORWARD, Header, Recipe, crc32,
                                            pack)
+from lmc_audit.transforms.options import BATCH_TOKENS
 from lmc_audit.transforms.progress import NAMESPACE, Progress
 from lmc_audit.transforms.records import ScoredChunk, TokenizedChunk
 from lmc_audit.transforms.scoring import signals
@@ -156,14 +157,14 @@ def failed_rows(batch: Sequence[TokenizedChunk], exc: BaseException) -> list[Sco
 
 class CausalLMHandler(ModelHandler[TokenizedChunk, ScoredChunk, LoadedModel]):
     def __init__(self, model_spec: str, device: str = "auto", dtype: str = "auto",
-                 trust_remote_code: bool = False, max_batch_tokens: int = 16384,
+                 trust_remote_code: bool = False, max_batch_tokens: int | None = None,
                  coding: CodingOptions | None = None):
         super().__init__()
         if dtype not in ("auto", AUTOCAST_BF16) and dtype not in DTYPES:
             raise ValueError(f"dtype {dtype!r} is not one of auto, {', '.join(DTYPES)}, {AUTOCAST_BF16}")
         if device != "auto" and not (device == "cpu" or device.startswith("cuda")):
             raise ValueError(f"device {device!r} is not one of auto, cpu, cuda, cuda:N")
-        if max_batch_tokens < 1:
+        if max_batch_tokens is not None and max_batch_tokens < 1:
             raise ValueError("max_batch_tokens must be at least 1")
         if coding is not None and dtype == AUTOCAST_BF16:
             # Not offered with coding: replay exactness under autocast (keys promoted to float32 by RoPE,
@@ -216,7 +217,7 @@ class CausalLMHandler(ModelHandler[TokenizedChunk, ScoredChunk, LoadedModel]):
             by_length.setdefault(item.padded_length, []).append(i)
         groups: list[tuple[list[int], int]] = []
         for length, members in sorted(by_length.items()):
-            rows_per_forward = self._coding.rows if blocks else max(1, self._max_batch_tokens // length)
+            rows_per_forward = self._coding.rows if blocks else max(1, self.tokens_per_forward(model) // length)
             groups += [(members[s:s + rows_per_forward], length) for s in range(0, len(members), rows_per_forward)]
         results: list[ScoredChunk | None] = [None] * len(batch)
         if blocks:
@@ -237,6 +238,12 @@ class CausalLMHandler(ModelHandler[TokenizedChunk, ScoredChunk, LoadedModel]):
             for i, scored in zip(pending[0], self._finish(pending[1], model)):
                 results[i] = scored
         return results
+
+    def tokens_per_forward(self, lm: LoadedModel) -> int:
+        """Padded positions per forward: as asked, else the default for the device the model is on."""
+        if self._max_batch_tokens is not None:
+            return self._max_batch_tokens
+        return BATCH_TOKENS.get(lm.device.type, BATCH_TOKENS["cuda"])
 
     def recipe(self, lm: LoadedModel) -> Recipe:
         c = self._coding

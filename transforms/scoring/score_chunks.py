@@ -23,7 +23,7 @@ from apache_beam.utils.windowed_value import WindowedValue
 from lmc_audit.transforms.coding import payloads
 from lmc_audit.transforms.scoring.model_handler import CausalLMHandler, CodingOptions
 from lmc_audit.transforms.scoring.model_loading import validate_model_spec
-from lmc_audit.transforms.options import ModelOptions
+from lmc_audit.transforms.options import BATCH_TOKENS, ModelOptions
 from lmc_audit.transforms.records import ScoredChunk, TokenizedChunk
 from lmc_audit.transforms.scoring.tokenization import TokenizeChunksFn
 
@@ -90,7 +90,8 @@ class ScoreChunks(beam.PTransform):
                                         model.max_batch_tokens, coding)
         self._tokenize = TokenizeChunksFn(model.spec, model.trust_remote_code, model.length_granularity)
         if coding is None:
-            self._max_batch_tokens = model.max_batch_tokens
+            # The handler cuts a batch into forwards for its device; batches are cut for the largest.
+            self._max_batch_tokens = model.max_batch_tokens or max(BATCH_TOKENS.values())
             self._max_batch_rows = model.max_batch_rows
         else:
             # Coding forwards always have exactly coding.rows rows: hand the model whole groups.
