@@ -463,7 +463,7 @@ def run(argv: list[str] | None = None, test_pipeline: beam.Pipeline | None = Non
     pipeline_options = PipelineOptions(beam_args)
     # Workers import lmc_audit (and its bundled model) from the installed package.
     pipeline_options.view_as(SetupOptions).save_main_session = False
-    pipeline = test_pipeline or beam.Pipeline(options=pipeline_options)
+    pipeline = test_pipeline or beam.Pipeline(runner=local_runner(pipeline_options), options=pipeline_options)
     o = audit_options(args, fingerprint)  # passed whole; each step takes its part
     read = pipeline | "ReadCorpus" >> ReadCorpus(shards, o.read, o.dedup)
     unlisted = pipeline | "UnreadableInputs" >> beam.Create(listing_errors, reshuffle=False)
@@ -578,6 +578,27 @@ def runs_here(beam_args: list[str]) -> bool:
     """True when the job's steps run in this process's machine (a local runner, the default)."""
     runner = PipelineOptions(beam_args).view_as(StandardOptions).runner
     return runner is None or any(name in str(runner) for name in ("Direct", "FnApi", "Prism"))
+
+
+def local_runner(options: PipelineOptions):
+    """Beam's FnApiRunner where no runner or ``DirectRunner`` is asked for; None (Beam picks) otherwise.
+
+    Why: Beam 2.77's ``DirectRunner`` first tries the Prism runner, which downloads a Go binary from
+    GitHub when the job starts: offline that fails after about 2.5 s and it falls back to the
+    FnApiRunner; online the job runs on Prism, a runner this project does not test (the Kubernetes
+    CronJob's multi-process jobs among them). So a local job runs on the FnApiRunner, set up as
+    ``DirectRunner`` sets it up (pipeline options provisioned to multi-process workers).
+    ``--runner PrismRunner`` still asks for Prism."""
+    runner = options.view_as(StandardOptions).runner
+    if runner not in (None, "DirectRunner", "SwitchingDirectRunner"):
+        return None
+    from apache_beam.portability.api import beam_provision_api_pb2
+    from apache_beam.runners.portability.fn_api_runner import fn_runner
+    from apache_beam.runners.portability.portable_runner import JobServiceHandle
+
+    encoded = JobServiceHandle.encode_pipeline_options(options.get_all_options())
+    return fn_runner.FnApiRunner(provision_info=fn_runner.ExtendedProvisionInfo(
+        beam_provision_api_pb2.ProvisionInfo(pipeline_options=encoded)))
 
 
 def builds_job_only(options: PipelineOptions, result) -> bool:

@@ -214,3 +214,18 @@ def test_one_frozen_options_object_with_a_part_per_stage(tmp_path):
         o.model.device = "cuda"
     with pytest.raises(ValueError, match="part_bytes"):
         audit_options(build_parser().parse_args(["--input", "x", "--output", "o", "--part-bytes", "1"]), "0" * 64)
+
+
+def test_local_jobs_run_on_the_fn_api_runner_never_prism():
+    """Beam's DirectRunner would first try (and, online, download) Prism; a local job runs on the
+    FnApiRunner the tests run on; other runners are left to Beam."""
+    from apache_beam.options.pipeline_options import PipelineOptions
+    from apache_beam.runners.portability.fn_api_runner.fn_runner import FnApiRunner
+
+    from lmc_audit.pipelines.audit import local_runner
+
+    for argv in ([], ["--runner=DirectRunner"], ["--direct_num_workers=2", "--direct_running_mode=multi_processing"]):
+        runner = local_runner(PipelineOptions(argv))
+        assert isinstance(runner, FnApiRunner), argv  # multi-process workers: see the test above
+    for name in ("PrismRunner", "DataflowRunner", "BundleBasedDirectRunner"):
+        assert local_runner(PipelineOptions([f"--runner={name}"])) is None
