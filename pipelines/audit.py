@@ -531,9 +531,9 @@ def run(argv: list[str] | None = None, test_pipeline: beam.Pipeline | None = Non
     if not counts["reconciled"]:
         print(f"[lmc-audit] WARNING: {counts['input_records']} input records but {counts['documents']} documents "
               f"+ {counts['dead_letters']} dead letters", file=sys.stderr)
-    if warmer is not None and warmer.poll() is None:
-        warmer.kill()  # only a job that failed early gets here before it is done
     if warmer is not None:
+        if warmer.poll() is None:
+            warmer.kill()  # a job shorter than the helper: what it would cache, the job compiled itself
         warmer.wait()
     if not args.quiet:
         from lmc_audit.pipelines.summary import print_summary
