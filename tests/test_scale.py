@@ -120,6 +120,30 @@ def test_manifest_rows_stream_in_row_groups(tmp_path):
     assert not list((tmp_path / "dead_letter").glob(".*"))  # no temporary left
 
 
+@pytest.mark.parametrize("chosen", [None, "mimalloc"])
+def test_manifest_writes_take_arrow_buffers_from_the_system_allocator(tmp_path, chosen):
+    """A writer hands its tables' pages back (Arrow's own pool kept them for later stages); a pool the user
+    chose with ``ARROW_DEFAULT_MEMORY_POOL`` stays. A process of its own: the pool is per process."""
+    import os
+    import subprocess
+    import sys
+
+    script = ("import pyarrow as pa\n"
+              "from lmc_audit.transforms.manifests import schemas\n"
+              "from lmc_audit.transforms.manifests.files import write_rows\n"
+              "before = pa.default_memory_pool().backend_name\n"
+              f"write_rows({str(tmp_path)!r}, 'dead_letter', 'p.parquet', [], schemas.DEAD_LETTER)\n"
+              "print(before, pa.default_memory_pool().backend_name)\n")
+    env = {k: v for k, v in os.environ.items() if k != "ARROW_DEFAULT_MEMORY_POOL"}
+    if chosen:
+        env["ARROW_DEFAULT_MEMORY_POOL"] = chosen
+    before, after = subprocess.run([sys.executable, "-c", script], env=env, check=True, capture_output=True,
+                                   text=True).stdout.split()
+    assert (before, after) == ((chosen, chosen) if chosen else (before, "system"))
+    assert chosen or before != "system"  # pyarrow's wheels default to mimalloc or jemalloc
+    assert (tmp_path / "dead_letter" / "p.parquet").exists()
+
+
 def test_listing_takes_sizes_from_the_listing_call(tmp_path):
     """No per-file request: listing works with the filesystem's per-file calls (size, isfile) broken."""
     import fsspec

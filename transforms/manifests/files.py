@@ -13,6 +13,7 @@ import fsspec
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from lmc_audit.transforms.arrow_memory import arrow_memory_to_os
 from lmc_audit.transforms.options import PART_BYTES
 from lmc_audit.transforms.progress import Progress
 
@@ -76,6 +77,7 @@ def write_rows(output: str, manifest: str, name: str, rows: Iterable[dict], sche
     ``ROW_GROUP_ROWS`` rows, so that no whole table is built. The file appears whole or not at all:
     written under a temporary name and renamed (local), or uploaded in parts that are committed at
     close and discarded on error (object stores)."""
+    arrow_memory_to_os()
     fs, root = fsspec.core.url_to_fs(output)
     folder = f"{root.rstrip('/')}/{manifest}" if manifest else root.rstrip("/")
     target = f"{folder}/{name}"

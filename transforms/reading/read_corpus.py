@@ -7,6 +7,7 @@ from collections.abc import Iterator, Sequence
 import apache_beam as beam
 from apache_beam.metrics import Metrics
 
+from lmc_audit.transforms.arrow_memory import arrow_memory_to_os
 from lmc_audit.transforms.dedup.sketches import DedupOptions, MinHasher
 from lmc_audit.transforms.documents.document_facts import DocumentDescriber
 from lmc_audit.transforms.options import ReadOptions
@@ -24,6 +25,7 @@ class _ReaderFn(beam.DoFn):
         self._readers: dict[str, ShardReader] = {}
 
     def setup(self) -> None:
+        arrow_memory_to_os()  # Parquet shards are read through Arrow's buffers
         self._readers = {fmt: cls(**self._reader_kwargs) for fmt, cls in READERS.items()}
 
 
