@@ -4,7 +4,10 @@ row groups, bounded signal summaries, and dedup sketches of documents above the 
 from __future__ import annotations
 
 import hashlib
+import os
 import random
+import subprocess
+import sys
 import tracemalloc
 
 import numpy as np
@@ -124,10 +127,6 @@ def test_manifest_rows_stream_in_row_groups(tmp_path):
 def test_manifest_writes_take_arrow_buffers_from_the_system_allocator(tmp_path, chosen):
     """A writer hands its tables' pages back (Arrow's own pool kept them for later stages); a pool the user
     chose with ``ARROW_DEFAULT_MEMORY_POOL`` stays. A process of its own: the pool is per process."""
-    import os
-    import subprocess
-    import sys
-
     script = ("import pyarrow as pa\n"
               "from lmc_audit.transforms.manifests import schemas\n"
               "from lmc_audit.transforms.manifests.files import write_rows\n"
