@@ -38,6 +38,10 @@ def main(argv: list[str] | None = None) -> int:
         print("\n'lmc-audit COMMAND --help' lists a command's options.")
         return 0 if argv else 2
     command, rest = argv[0], argv[1:]
+    if command in COMMANDS:
+        from lmc_audit.transforms.arrow_memory import arrow_memory_to_os
+
+        arrow_memory_to_os()  # every command reads or writes Parquet: freed Arrow buffers go back to the OS
     if command == "run":
         from lmc_audit.pipelines.audit import run
 

@@ -143,6 +143,41 @@ def test_manifest_writes_take_arrow_buffers_from_the_system_allocator(tmp_path, 
     assert (tmp_path / "dead_letter" / "p.parquet").exists()
 
 
+@pytest.mark.parametrize("with_reference", [False, True])
+def test_chunk_rows_reach_the_writer_without_a_flatten(tmp_path, with_reference):
+    """The writer's bulk (chunk rows with their payloads) is grouped by a GroupByKey of its own: a
+    CoGroupByKey flattens its inputs first, and DirectRunner holds that Flatten and the group at once (the
+    coding job's peak). Only a job with a reference model joins its bits to the chunks by CoGroupByKey."""
+    import apache_beam as beam
+    from apache_beam.pipeline import PipelineVisitor
+
+    from lmc_audit.transforms.manifests.write import WriteManifests
+
+    p = beam.Pipeline()
+    inputs = [p | f"In{i}" >> beam.Create([]) for i in range(4 if with_reference else 3)]
+    _ = tuple(inputs) | "WriteManifests" >> WriteManifests(str(tmp_path), parts={0: 1})
+    consumers: dict[object, list] = {}
+    producers = {}
+
+    class Graph(PipelineVisitor):
+        def visit_transform(self, node):
+            for pc in node.inputs:
+                consumers.setdefault(pc, []).append(node)
+            for pc in node.outputs.values():
+                producers[pc] = node
+
+    p.visit(Graph())
+    chunk_rows = next(pc for pc, node in producers.items() if node.full_label == "WriteManifests/ChunkRows")
+    readers = [n.full_label for n in consumers[chunk_rows]]
+    if with_reference:
+        assert len(readers) == 1 and readers[0].startswith("WriteManifests/GroupChunksByPart/")
+    else:
+        assert readers == ["WriteManifests/GroupChunksByPart"]
+        assert isinstance(consumers[chunk_rows][0].transform, beam.GroupByKey)
+    # The documents' group (numbers, facts, dead letters: small) is the CoGroupByKey, without the chunks.
+    assert not any(label.startswith("WriteManifests/GroupDocumentsByPart") for label in readers)
+
+
 def test_listing_takes_sizes_from_the_listing_call(tmp_path):
     """No per-file request: listing works with the filesystem's per-file calls (size, isfile) broken."""
     import fsspec

@@ -1,4 +1,7 @@
-"""Where Arrow's buffers come from in an lmc-audit process."""
+"""Where Arrow's buffers come from in an lmc-audit process.
+
+Set by every ``lmc-audit`` command as it starts and again by ``write_rows`` and the readers' ``setup``,
+since a Beam worker on Dataflow is a process the command line never ran in."""
 
 from __future__ import annotations
 

@@ -51,6 +51,12 @@ class PairBuckets(beam.DoFn):
 _OWN, _FIRST = 0, 1  # what a document's group in ``MeetSecond`` holds: its own sketch, or a pair's first sketch
 
 
+def _keyed_for_verification(sketch: DocSketch) -> tuple[dedup.DocKey, DocSketch]:
+    """A sketch keyed by its document, without its MinHash signature: the signature only makes band
+    keys, and the pair join copies a sketch once per pair it is first in."""
+    return sketch.key, dataclasses.replace(sketch, signature=b"")
+
+
 def _route_sketch(element) -> Iterator[tuple[dedup.DocKey, tuple[int, DocSketch]]]:
     """A document's sketch, its pairs as first and as second in; the sketch out to where it is compared.
 
@@ -189,7 +195,7 @@ class FindDuplicates(beam.PTransform):
                  | "GroupByBand" >> beam.GroupByKey()
                  | "BucketPairs" >> beam.ParDo(PairBuckets(o.max_bucket, o.bucket_centers))
                  | "UniquePairs" >> beam.Distinct())
-        keyed = sketches | "KeyByDoc" >> beam.Map(lambda s: (s.key, s))
+        keyed = sketches | "KeyByDoc" >> beam.Map(_keyed_for_verification)
         joined = ({"sketch": keyed,
                    "as_first": pairs | "KeyByFirst" >> beam.Map(lambda p: (p[0], p[1])),
                    "as_second": pairs | "KeyBySecond" >> beam.Map(lambda p: (p[1], p[0]))}

@@ -10,11 +10,13 @@ book spreads its chunks over all its shard's parts), and parts are written
 in parallel. Within a file rows are sorted, with an explicit schema: the
 files are byte-identical whatever the batch size, bundle boundaries or
 number of workers, which Beam's ``WriteToParquet`` does not promise (its
-sharding follows bundles). The groups carry no text: chunks lose their bytes
-before them, per-token scores are bounded summaries, and each document's
-hashes and sketch were made while it was read. A shard's row is the merge
-of its parts' totals (``ShardTotals``); its commit marker is written after
-every part. Rows stream through ``pq.ParquetWriter`` in row groups into a
+sharding follows bundles). A part's chunks (with their payloads, the bulk of
+what is written) and its documents are two groups, each written by its own
+step (``WriteChunkFiles``, ``WriteDocumentFiles``). The groups carry no text:
+chunks lose their bytes before them, per-token scores are bounded summaries,
+and each document's hashes and sketch were made while it was read. A shard's
+row is the merge of its parts' totals (``ShardTotals``); its commit marker is
+written after every part's files. Rows stream through ``pq.ParquetWriter`` in row groups into a
 temporary file renamed into place (local) or a multipart upload committed
 at close (object stores), so a reader never sees half a file; a retried
 write produces the same bytes.
@@ -260,13 +262,47 @@ def dead_letter_row(d: DeadLetter) -> dict:
     return {"shard": d.shard, "position": d.position, "doc_id": d.doc_id, "reason": d.reason}
 
 
-class WritePartFiles(beam.DoFn):
-    """Writes the chunk, document, payload, dead-letter and sketch files of one part of a shard; yields
-    (shard index, (part, ``ShardTotals``)).
+class WriteChunkFiles(beam.DoFn):
+    """Writes the chunk and payload files of one part of a shard; yields (shard index, (part, shard, None)),
+    which tells ``CommitShard`` the part's chunks are written.
 
-    The group carries no text and no per-token scores: a chunk comes as its row (and its payload row),
-    a document as its ``DocumentStatsFn`` numbers, its ``DocumentFacts`` (hashes, snippet, sketch, made
-    while it was read) and its ``ReferenceBits``. Rows are sorted, then streamed into the files.
+    A chunk comes as its row (and its payload row), without its text or per-token scores, with the
+    reference model's bits where the job has one. Rows are sorted, then streamed into the files.
+    """
+
+    def __init__(self, output: str):
+        self._output = output
+
+    def process(self, element) -> Iterator[tuple[int, tuple[int, str, None]]]:
+        (index, part), grouped = element
+        chunks = sorted(grouped["chunks"], key=lambda c: (c[0][_POSITION], c[0][_DOC_ID], c[0][_CHUNK_INDEX]))
+        if not chunks:  # a part that has only the reference model's bits of a chunk it does not hold
+            return
+        has_reference = "reference" in grouped
+        references = {(r[0], r[1], r[2]): r[3] for r in grouped.get("reference", ())}
+        shard = chunks[0][0][_SHARD]
+        name = part_file_name(shard, part)
+
+        def rows() -> Iterator[dict]:
+            for packed, _ in chunks:
+                row = dict(zip(CHUNK_COLUMNS, packed))
+                if has_reference:
+                    row["reference_bits"] = references.get((row["position"], row["doc_id"], row["chunk_index"]))
+                yield row
+
+        write_rows(self._output, "chunks", name, rows(), schemas.CHUNKS)
+        if any(p is not None for _, p in chunks):
+            write_rows(self._output, "payloads", name,
+                       (payload_row_of(c, p) for c, p in chunks if p is not None), schemas.PAYLOADS)
+        yield index, (part, shard, None)
+
+
+class WriteDocumentFiles(beam.DoFn):
+    """Writes the document, dead-letter and sketch files of one part of a shard; yields (shard index,
+    (part, shard, ``ShardTotals``)).
+
+    A document comes as its ``DocumentStatsFn`` numbers, its ``DocumentFacts`` (hashes, snippet, sketch,
+    made while it was read) and, with a reference model, its ``ReferenceBits``: a few hundred bytes each.
     """
 
     def __init__(self, output: str, signal_options: SignalOptions):
@@ -275,14 +311,14 @@ class WritePartFiles(beam.DoFn):
 
     def process(self, element) -> Iterator[tuple[int, tuple[int, str, ShardTotals]]]:
         (index, part), grouped = element
-        chunks = sorted(grouped["chunks"], key=lambda c: (c[0][_POSITION], c[0][_DOC_ID], c[0][_CHUNK_INDEX]))
         stats = sorted(grouped["documents"], key=lambda d: (d[0][1], d[0][2]))
         dead = sorted(grouped["dead_letter"], key=lambda d: (d.position, d.doc_id or "", d.reason))
         facts = {(f.key[1], f.key[2]): f for f in grouped["facts"]}
-        has_reference = "reference" in grouped
-        references = {(r[0], r[1], r[2]): r[3] for r in grouped.get("reference", ())}
+        has_reference = "document_reference" in grouped
         document_references = {(k[1], k[2]): bits for k, bits in grouped.get("document_reference", ())}
-        shard = chunks[0][0][_SHARD] if chunks else dead[0].shard  # a part with documents has their first chunks
+        if not stats and not dead:
+            return
+        shard = next(iter(facts.values())).shard if facts else dead[0].shard
         totals = ShardTotals()
         docs = []
         for key, numbers in stats:
@@ -292,18 +328,6 @@ class WritePartFiles(beam.DoFn):
             docs.append(doc)
         totals.dead_letters = len(dead)
         name = part_file_name(shard, part)
-        if chunks:
-            def rows() -> Iterator[dict]:
-                for packed, _ in chunks:
-                    row = dict(zip(CHUNK_COLUMNS, packed))
-                    if has_reference:
-                        row["reference_bits"] = references.get((row["position"], row["doc_id"], row["chunk_index"]))
-                    yield row
-
-            write_rows(self._output, "chunks", name, rows(), schemas.CHUNKS)
-            if any(p is not None for _, p in chunks):
-                write_rows(self._output, "payloads", name,
-                           (payload_row_of(c, p) for c, p in chunks if p is not None), schemas.PAYLOADS)
         if docs:
             write_rows(self._output, "documents", name, docs, schemas.DOCUMENTS)
         if dead:
@@ -315,7 +339,8 @@ class WritePartFiles(beam.DoFn):
 
 
 class CommitShard(beam.DoFn):
-    """A shard's parts' totals in; its row out, once its commit marker is written (after every part)."""
+    """A shard's parts in (``WriteDocumentFiles``' totals, ``WriteChunkFiles``' markers); its row out, once
+    its commit marker is written (after every part's files)."""
 
     def __init__(self, output: str, commit: dict[str, dict] | None = None):
         self._output = output
@@ -324,8 +349,9 @@ class CommitShard(beam.DoFn):
     def process(self, element) -> Iterator[dict]:
         _, parts = element
         totals = ShardTotals()
-        for _, shard, part in sorted(parts, key=lambda p: p[0]):
-            totals.merge(part)
+        for _, shard, part in sorted(parts, key=lambda p: (p[0], p[2] is None)):
+            if part is not None:
+                totals.merge(part)
         row = totals.row(shard)
         # The commit marker comes last: a shard is complete once it exists (incremental runs skip it).
         write_commit_marker(self._output, shard, self._commit.get(shard, {}), row)
@@ -539,23 +565,36 @@ class WriteManifests(beam.PTransform):
     def expand(self, inputs):
         chunks, dead_letters, facts, *reference = inputs
         keys = self._keys
-        documents = (chunks
-                     | "DocumentStats" >> DocumentStats(self._signals.k)
-                     | "KeyDocumentsByPart" >> beam.Map(keys.document))
-        grouped = {"chunks": chunks | "ChunkRows" >> beam.Map(keys.chunk_rows, self._signals.k),
-                   "documents": documents,
-                   "dead_letter": dead_letters | "KeyDeadLetters" >> beam.Map(keys.dead_letter),
-                   "facts": facts | "KeyFacts" >> beam.Map(keys.facts)}
+        # Chunks (with their payloads: the bulk of what is written) and documents are grouped apart. A
+        # CoGroupByKey flattens its inputs first, and a runner that holds a group in memory (DirectRunner)
+        # then holds that Flatten and the group at once; a plain GroupByKey of the chunks has no Flatten.
+        chunk_rows = chunks | "ChunkRows" >> beam.Map(keys.chunk_rows, self._signals.k)
         if reference:
-            grouped["reference"] = reference[0] | "KeyReference" >> beam.Map(keys.reference)
-            grouped["document_reference"] = (reference[0]
-                                             | "KeyReferenceByDocument" >> beam.Map(_by_document)
-                                             | "DocumentReferenceBits" >> beam.CombinePerKey(ReferenceBitsFn())
-                                             | "KeyReferenceByPart" >> beam.Map(keys.document))
+            chunk_groups = ({"chunks": chunk_rows,
+                             "reference": reference[0] | "KeyReference" >> beam.Map(keys.reference)}
+                            | "GroupChunksByPart" >> beam.CoGroupByKey())
+        else:
+            chunk_groups = (chunk_rows
+                            | "GroupChunksByPart" >> beam.GroupByKey()
+                            | "AsChunkGroups" >> beam.MapTuple(lambda part, rows: (part, {"chunks": rows})))
+        document_groups = {
+            "documents": (chunks
+                          | "DocumentStats" >> DocumentStats(self._signals.k)
+                          | "KeyDocumentsByPart" >> beam.Map(keys.document)),
+            "dead_letter": dead_letters | "KeyDeadLetters" >> beam.Map(keys.dead_letter),
+            "facts": facts | "KeyFacts" >> beam.Map(keys.facts)}
+        if reference:
+            document_groups["document_reference"] = (reference[0]
+                                                     | "KeyReferenceByDocument" >> beam.Map(_by_document)
+                                                     | "DocumentReferenceBits" >> beam.CombinePerKey(ReferenceBitsFn())
+                                                     | "KeyReferenceByPart" >> beam.Map(keys.document))
+        chunk_parts = chunk_groups | "WriteChunkFiles" >> beam.ParDo(WriteChunkFiles(self._output))
+        document_parts = (document_groups
+                          | "GroupDocumentsByPart" >> beam.CoGroupByKey()
+                          | "WriteDocumentFiles" >> beam.ParDo(WriteDocumentFiles(self._output, self._signals)))
         written = (
-            grouped
-            | "GroupByPart" >> beam.CoGroupByKey()
-            | "WritePartFiles" >> beam.ParDo(WritePartFiles(self._output, self._signals))
+            (chunk_parts, document_parts)
+            | "AllParts" >> beam.Flatten()
             | "GroupPartsByShard" >> beam.GroupByKey()
             | "CommitShards" >> beam.ParDo(CommitShard(self._output, self._commit))
         )
