@@ -123,6 +123,30 @@ def test_manifest_rows_stream_in_row_groups(tmp_path):
     assert not list((tmp_path / "dead_letter").glob(".*"))  # no temporary left
 
 
+def test_payload_row_groups_are_bounded_by_bytes_and_tuples_write_the_same_file(tmp_path):
+    """Payload rows close a row group once ROW_GROUP_BYTES of payloads are in it (not after 65,536 rows of
+    up to a chunk's size each), and rows given as tuples in schema order make the same file as dicts."""
+    from lmc_audit.transforms.manifests.files import ROW_GROUP_BYTES
+
+    payload = bytes(range(256)) * (ROW_GROUP_BYTES // 256 // 4)  # a quarter of the budget each
+    rows = [("d", "s", i, 0, "model", "r", payload) for i in range(10)]
+    write_rows(str(tmp_path), "payloads", "t.parquet", iter(rows), schemas.PAYLOADS, as_tuples=True,
+               row_bytes=lambda r: len(r[-1]))
+    f = pq.ParquetFile(tmp_path / "payloads" / "t.parquet")
+    assert [f.metadata.row_group(i).num_rows for i in range(f.metadata.num_row_groups)] == [4, 4, 2]
+    assert f.read().column("position").to_pylist() == list(range(10))
+
+    typed = [{**{n: None for n in schemas.CHUNKS.names}, "doc_id": f"d{i}", "shard": "s", "position": i,
+              "chunk_index": 0, "offset": 0, "bytes": 5, "tokens": 5, "zlib_bits": 8, "zstd_bits": 8, "xz_bits": 8,
+              "padded_length": 8, "sha256": b"x" * 32, "flags": ["a"]} for i in range(3)]
+    write_rows(str(tmp_path), "chunks", "dicts.parquet", typed, schemas.CHUNKS)
+    write_rows(str(tmp_path), "chunks", "tuples.parquet", (tuple(r[n] for n in schemas.CHUNKS.names) for r in typed),
+               schemas.CHUNKS, as_tuples=True)
+    assert (tmp_path / "chunks" / "dicts.parquet").read_bytes() == (tmp_path / "chunks" / "tuples.parquet").read_bytes()
+    write_rows(str(tmp_path), "chunks", "empty.parquet", [], schemas.CHUNKS, as_tuples=True)
+    assert pq.read_table(tmp_path / "chunks" / "empty.parquet").schema.equals(schemas.CHUNKS)
+
+
 @pytest.mark.parametrize("chosen", [None, "mimalloc"])
 def test_manifest_writes_take_arrow_buffers_from_the_system_allocator(tmp_path, chosen):
     """A writer hands its tables' pages back (Arrow's own pool kept them for later stages); a pool the user

@@ -7,7 +7,7 @@ to, depend on the shard's listed size and the row alone (see ``write``'s docstri
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 import fsspec
 import pyarrow as pa
@@ -70,12 +70,17 @@ def shards_table_part(shard: str, parts: int) -> int:
 
 
 ROW_GROUP_ROWS = 1 << 16  # rows per Parquet row group: what the writer holds as Arrow at once
+ROW_GROUP_BYTES = 8 << 20  # and at most about this many bytes of a row group's large values (payloads)
 
 
-def write_rows(output: str, manifest: str, name: str, rows: Iterable[dict], schema: pa.Schema) -> None:
+def write_rows(output: str, manifest: str, name: str, rows: Iterable[dict] | Iterable[tuple], schema: pa.Schema,
+               *, as_tuples: bool = False, row_bytes: Callable[[tuple | dict], int] | None = None) -> None:
     """Streams rows into ``<manifest>/<name>`` through ``pq.ParquetWriter``, one row group per
-    ``ROW_GROUP_ROWS`` rows, so that no whole table is built. The file appears whole or not at all:
-    written under a temporary name and renamed (local), or uploaded in parts that are committed at
+    ``ROW_GROUP_ROWS`` rows, or sooner once ``row_bytes`` of its rows reach ``ROW_GROUP_BYTES`` (a part's
+    payloads: 2 KB a row with an untrained model, so 65,536 of them would be 128 MiB of Arrow at once), so
+    that no whole table is built. ``as_tuples``: rows are tuples in the schema's column order, made into
+    columns without a dict per row (the writer holds a row group's rows). The file appears whole or not at
+    all: written under a temporary name and renamed (local), or uploaded in parts that are committed at
     close and discarded on error (object stores)."""
     arrow_memory_to_os()
     fs, root = fsspec.core.url_to_fs(output)
@@ -86,18 +91,29 @@ def write_rows(output: str, manifest: str, name: str, rows: Iterable[dict], sche
     path = f"{folder}/.{name}.tmp" if local else target
     f = None
     count = 0
+
+    def table(batch: list) -> pa.Table:
+        if not as_tuples:
+            return pa.Table.from_pylist(batch, schema=schema)
+        columns = list(zip(*batch)) if batch else [()] * len(schema)
+        return pa.Table.from_arrays([pa.array(c, type=field.type) for c, field in zip(columns, schema)],
+                                    schema=schema)
+
     try:
         fs.makedirs(folder, exist_ok=True)
         f = fs.open(path, "wb")
         with pq.ParquetWriter(f, schema, compression="zstd") as writer:
-            batch: list[dict] = []
+            batch: list = []
+            size = 0
             for row in rows:
                 batch.append(row)
-                if len(batch) == ROW_GROUP_ROWS:
-                    writer.write_table(pa.Table.from_pylist(batch, schema=schema))
-                    count, batch = count + len(batch), []
+                if row_bytes is not None:
+                    size += row_bytes(row)
+                if len(batch) == ROW_GROUP_ROWS or size >= ROW_GROUP_BYTES:
+                    writer.write_table(table(batch))
+                    count, batch, size = count + len(batch), [], 0
             if batch or count == 0:
-                writer.write_table(pa.Table.from_pylist(batch, schema=schema))
+                writer.write_table(table(batch))
                 count += len(batch)
         f.close()
         if local:

@@ -247,15 +247,19 @@ def payload_fields(s: ScoredChunk) -> tuple[str, str, bytes]:
 
 
 CHUNK_COLUMNS = tuple(schemas.CHUNKS.names)
-_DOC_ID, _SHARD, _POSITION, _CHUNK_INDEX = (CHUNK_COLUMNS.index(n) for n in ("doc_id", "shard", "position",
-                                                                            "chunk_index"))
+_DOC_ID, _SHARD, _POSITION, _CHUNK_INDEX, _REFERENCE_BITS = (
+    CHUNK_COLUMNS.index(n) for n in ("doc_id", "shard", "position", "chunk_index", "reference_bits"))
+assert tuple(schemas.PAYLOADS.names) == ("doc_id", "shard", "position", "chunk_index", "method", "recipe", "payload")
 
 
-def payload_row_of(chunk: tuple, payload: tuple) -> dict:
-    """A payload row from a chunk row tuple and its ``payload_fields``."""
-    method, recipe, data = payload
-    return {"doc_id": chunk[_DOC_ID], "shard": chunk[_SHARD], "position": chunk[_POSITION],
-            "chunk_index": chunk[_CHUNK_INDEX], "method": method, "recipe": recipe, "payload": data}
+def payload_row_of(chunk: tuple, payload: tuple) -> tuple:
+    """A payload row, as a tuple in the payloads schema's order, from a chunk row tuple and its
+    ``payload_fields``."""
+    return (chunk[_DOC_ID], chunk[_SHARD], chunk[_POSITION], chunk[_CHUNK_INDEX], *payload)
+
+
+def _payload_bytes(row: tuple) -> int:
+    return len(row[-1])
 
 
 def dead_letter_row(d: DeadLetter) -> dict:
@@ -283,17 +287,17 @@ class WriteChunkFiles(beam.DoFn):
         shard = chunks[0][0][_SHARD]
         name = part_file_name(shard, part)
 
-        def rows() -> Iterator[dict]:
+        def rows() -> Iterator[tuple]:
             for packed, _ in chunks:
-                row = dict(zip(CHUNK_COLUMNS, packed))
                 if has_reference:
-                    row["reference_bits"] = references.get((row["position"], row["doc_id"], row["chunk_index"]))
-                yield row
+                    bits = references.get((packed[_POSITION], packed[_DOC_ID], packed[_CHUNK_INDEX]))
+                    packed = (*packed[:_REFERENCE_BITS], bits, *packed[_REFERENCE_BITS + 1:])
+                yield packed
 
-        write_rows(self._output, "chunks", name, rows(), schemas.CHUNKS)
+        write_rows(self._output, "chunks", name, rows(), schemas.CHUNKS, as_tuples=True)
         if any(p is not None for _, p in chunks):
-            write_rows(self._output, "payloads", name,
-                       (payload_row_of(c, p) for c, p in chunks if p is not None), schemas.PAYLOADS)
+            write_rows(self._output, "payloads", name, (payload_row_of(c, p) for c, p in chunks if p is not None),
+                       schemas.PAYLOADS, as_tuples=True, row_bytes=_payload_bytes)
         yield index, (part, shard, None)
 
 
