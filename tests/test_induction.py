@@ -1,0 +1,91 @@
+"""The copying circuit built into the bundled model (pipelines/default_model/induction.py)."""
+
+from __future__ import annotations
+
+import copy
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from lmc_audit.pipelines.default_model.induction import (_aging_rotation, _phase_codes, grow,
+                                                          positional_biases)
+from lmc_audit.pipelines.default_model.train import BOS_ID
+from lmc_audit.transforms.scoring.model_loading import bundled_model_dir
+
+SAMPLE = Path(__file__).resolve().parents[1] / "pipelines" / "assets" / "sample"
+
+
+def _sample_stream() -> np.ndarray:
+    data = b"".join(p.read_bytes() for p in sorted(SAMPLE.glob("*.txt")))
+    return np.frombuffer(data, dtype=np.uint8)
+
+
+def _bits(model, rows: torch.Tensor) -> torch.Tensor:
+    """Bits of each row's bytes after BOS, summed per row."""
+    with torch.no_grad():
+        logp = torch.log_softmax(model(input_ids=rows).logits[:, :-1].float(), dim=-1)
+    return -logp.gather(-1, rows[:, 1:, None])[..., 0].sum(-1) / math.log(2)
+
+
+@pytest.fixture(scope="module")
+def grown():
+    return grow(Path(bundled_model_dir()), _sample_stream())
+
+
+def test_positional_biases_single_out_one_offset():
+    theta, half = 1e8, 64
+    for delta in (1, 3, 9):
+        w, margin = positional_biases(delta, theta, half, horizon=2048)
+        assert margin > 0 and abs(w.sum() - 1) < 1e-9
+        inv = theta ** (-np.arange(half) * 2.0 / (2 * half))
+        # q.k at distance e: the key's bias is the query's turned by delta, RoPE turns it back by e
+        scores = {e: float((w * np.cos((e - delta) * inv)).sum()) for e in range(2048)}
+        best = max(scores, key=scores.get)
+        assert best == delta
+        assert scores[delta] - max(v for e, v in scores.items() if e != delta) >= margin * 0.999
+
+
+def test_codes_never_match_themselves_at_another_age():
+    rng = np.random.default_rng(0)
+    codes = _phase_codes(256, 52, rng)
+    t = _aging_rotation(52)
+    for d in (1, 2, 9, 25):
+        td = np.linalg.matrix_power(t, d)
+        assert np.abs(np.einsum("ia,ab,ib->i", codes, td, codes)).max() < 1e-9
+    assert np.allclose(np.linalg.norm(codes, axis=1), 1.0)
+
+
+def test_grown_model_keeps_the_old_predictions_when_its_new_heads_are_silent(grown):
+    from transformers import LlamaForCausalLM
+
+    old = LlamaForCausalLM.from_pretrained(bundled_model_dir(), dtype=torch.float32).eval()
+    silent = copy.deepcopy(grown)
+    h0, nd = old.config.num_attention_heads, silent.config.head_dim
+    with torch.no_grad():
+        for layer in silent.model.layers:
+            layer.self_attn.o_proj.weight[:, h0 * nd:] = 0
+    data = (SAMPLE / "howto__sorting.txt").read_bytes()[:1500]
+    rows = torch.tensor([[BOS_ID, *data]])
+    a, b = _bits(old, rows).item(), _bits(silent, rows).item()
+    # The added scratch dimensions (codes, a constant) change each position's RMS by about 1%.
+    assert abs(a - b) / a < 0.01, (a, b)
+
+
+def test_grown_model_copies_a_repeated_text_that_the_bundled_model_does_not(grown):
+    from transformers import LlamaForCausalLM
+
+    old = LlamaForCausalLM.from_pretrained(bundled_model_dir(), dtype=torch.float32).eval()
+    x = (SAMPLE / "library__code.txt").read_bytes()[:800]
+    once = torch.tensor([[BOS_ID, *x]])
+    twice = torch.tensor([[BOS_ID, *(x + x)]])
+    old_ratio = (_bits(old, twice) / _bits(old, once)).item()
+    new_ratio = (_bits(grown, twice) / _bits(grown, once)).item()
+    assert old_ratio > 1.9
+    assert new_ratio < 1.5, new_ratio
+    # and the copy costs little on text that does not repeat
+    y = (SAMPLE / "howto__unicode.txt").read_bytes()[:1500]
+    rows = torch.tensor([[BOS_ID, *y]])
+    assert _bits(grown, rows).item() < 1.1 * _bits(old, rows).item()
