@@ -30,6 +30,8 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--matches", default=",".join(f"{t}:{a}" for t, a in MATCHES))
     p.add_argument("--beta", type=float, default=1.5)
+    p.add_argument("--widen", type=int, default=2)
+    p.add_argument("--scratch", type=int, default=62)
     p.add_argument("--model-dir", type=Path, default=None,
                    help="measure this (grown, perhaps fine-tuned) model instead of growing one")
     p.add_argument("--skip-bundled", action="store_true", help="do not measure the bundled model again")
@@ -44,9 +46,11 @@ def main() -> None:
             matches = tuple(tuple(float(v) for v in m.split(":")) for m in args.matches.split(","))
             train, _ = load_stream([f for f in files if not f.held_out])
             t0 = time.time()
-            model = grow(Path(bundled_model_dir()), train, matches=matches, beta=args.beta)
+            model = grow(Path(bundled_model_dir()), train, matches=matches, beta=args.beta, widen=args.widen,
+                         scratch=args.scratch)
             model.save_pretrained(tmp)
-            out["grown"] = {"matches": matches, "beta": args.beta, "seconds_to_build": round(time.time() - t0, 1)}
+            out["grown"] = {"matches": matches, "beta": args.beta, "widen": args.widen, "scratch": args.scratch,
+                            "seconds_to_build": round(time.time() - t0, 1)}
             grown_dir = tmp
         else:
             grown_dir = str(args.model_dir)
