@@ -134,7 +134,7 @@ def main(argv: list[str] | None = None) -> None:
           f"spans {b.get('random_share', 0):.0%} of them ({b.get('schedule', '')}; {b.get('optimizer', '')})"
           for b in _chain(t)[1:]],
         *[f"- copying circuit written into the weights by `python -m lmc_audit.pipelines.default_model.induction` "
-          f"({json.dumps(b['grown'])}): previous-byte heads and match heads over the last 27 bytes"
+          f"({json.dumps(b['grown'])}): previous-byte heads and match heads added to every layer"
           for b in _chain(t) if "grown" in b][:1],
         f"- in all: {sum(b.get('training_tokens', 0) for b in _chain(t)):,} training bytes in "
         f"{sum(b.get('training_seconds', 0) for b in _chain(t)) / 60:.1f} min",
