@@ -31,6 +31,7 @@ from lmc_audit.transforms.dedup.sketches import NORMALIZERS, DedupOptions
 from lmc_audit.transforms.dedup.find_duplicates import FindDuplicates
 from lmc_audit.transforms.manifests.files import shard_parts
 from lmc_audit.transforms.manifests.state import MANIFEST_DIRS, LoadCommittedSketches, plan_incremental, shard_key
+from lmc_audit.transforms.manifests.staging import STAGING
 from lmc_audit.transforms.manifests.write import WriteDuplicates, WriteManifests
 from lmc_audit.transforms.options import PART_BYTES, AuditOptions, ModelOptions, OutputOptions, ReadOptions
 from lmc_audit.transforms.scoring.model_handler import CodingOptions
@@ -282,7 +283,9 @@ def validate(args: argparse.Namespace) -> None:
     if existing and not args.overwrite:
         raise SystemExit(f"lmc-audit: {args.output} already holds manifests ({', '.join(existing)}); "
                          "pass --overwrite or choose another --output")
-    for d in existing:
+    # With them goes what a failed run left staged (a finished run removes its own).
+    staged = [STAGING] if existing and fs.exists(f"{root.rstrip('/')}/{STAGING}") else []
+    for d in existing + staged:
         fs.rm(f"{root.rstrip('/')}/{d}", recursive=True)
 
 
@@ -609,7 +612,7 @@ def builds_job_only(options: PipelineOptions, result) -> bool:
 
 
 def collect_job_metrics(result) -> dict:
-    """Beam counters of the finished job (padding, dedup pairs); empty where the runner keeps none."""
+    """Beam metrics of the finished job (padding, dedup pairs, time in the model); empty where the runner keeps none."""
     def counter(name: str) -> int | None:
         try:
             found = result.metrics().query(beam.metrics.MetricsFilter().with_namespace(NAMESPACE)
@@ -618,8 +621,23 @@ def collect_job_metrics(result) -> dict:
             return None
         return int(sum(c.committed or 0 for c in found)) if found else None
 
+    def seconds(name: str) -> float | None:
+        """Sum of a latency distribution in microseconds, in seconds."""
+        try:
+            found = result.metrics().query(beam.metrics.MetricsFilter().with_namespace(NAMESPACE)
+                                           .with_name(name))["distributions"]
+        except Exception:
+            return None
+        return round(sum(d.committed.sum for d in found if d.committed) / 1e6, 3) if found else None
+
     padded, real = counter("padded_positions"), counter("scored_positions")
+    scoring = seconds("model_micro_secs")  # scoring's and NCD's forwards
+    verifying = seconds("verification_batch_latency_micro_secs")
     out = {"padding_fraction": padded / (padded + real) if padded is not None and real else None,
+           # Time inside the model's steps; the job's wall time less this is the host path's share.
+           "model_seconds": None if scoring is None and verifying is None else round((scoring or 0) + (verifying or 0), 3),
+           "model_scoring_seconds": scoring, "model_verification_seconds": verifying,
+           "inference_batch_seconds": seconds("inference_batch_latency_micro_secs"),
            "dedup_candidate_pairs": counter("dedup_candidate_pairs"),
            "dedup_verified_pairs": counter("dedup_verified_pairs"),
            "dedup_capped_buckets": counter("dedup_capped_buckets")}

@@ -303,6 +303,7 @@ def test_every_sample_chunk_decodes_exactly(coded_sample, tmp_path):
     payloads = ds.dataset(out / "payloads", format="parquet").to_table().to_pylist()
     assert len(payloads) == len(chunks) == record["counts"]["chunks"]
     assert record["coding"]["verification_failed"] == 0
+    assert not (out / "_staging").exists()  # payloads were staged on their way to the writer, then removed
     # The job verified exactly the chunks the sample rule picks (counted in the job, not from metrics).
     position = {d["doc_id"]: d["position"] for d in ds.dataset(out / "documents", format="parquet").to_table()
                 .to_pylist()}

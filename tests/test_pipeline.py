@@ -59,6 +59,9 @@ def test_sample_corpus_end_to_end(sample_run):
     total_bits = sum(c["bits"] for c in chunks)
     assert record["bpb"]["model"] == pytest.approx(total_bits / sample_bytes, rel=1e-9)
     assert 0 <= record["job_metrics"]["padding_fraction"] < 0.05
+    # Time inside the model's steps, from RunInference's latency metric (and verification's own).
+    jm = record["job_metrics"]
+    assert 0 < jm["model_scoring_seconds"] <= jm["model_seconds"] < record["wall_seconds"] * 4
     assert record["model"]["fingerprint"] and len(record["model"]["fingerprint"]) == 64
 
 

@@ -79,7 +79,7 @@ def test_pipeline_reads_and_writes_s3(s3, tiny_byte_model, tmp_path):
     for folder in ("chunks", "documents", "shards", "payloads", "duplicates"):
         assert any(f"/audit/{folder}/" in p and p.endswith(".parquet") for p in listing), folder
     assert f"{bucket}/audit/run.json" in listing and f"{bucket}/audit/report.html" in listing
-    assert not any(".tmp" in p for p in listing)
+    assert not any(".tmp" in p or "/_staging" in p for p in listing)  # staged payloads removed once committed
     documents = ds.dataset(f"{bucket}/audit/documents", filesystem=fs, format="parquet").to_table().to_pylist()
     ids = sorted(d["doc_id"] for d in documents)
     assert ids[:7] == sorted(d["id"] for d in docs) and ids[7].endswith("corpus/notes.txt#0"), ids

@@ -428,3 +428,49 @@ def test_document_numbers_are_finished_where_chunks_are_scored_in_bounded_memory
             assert_that(got, equal_to(want))
     with pytest.raises(ValueError, match="max_open"):
         AccumulateDocuments(0.2, max_open=0)
+
+
+def test_payloads_travel_to_the_writer_as_staged_references(tmp_path):
+    """A chunk's recipe and payload go to its bundle's staging file; what reaches the writer's group is a
+    reference of four small values, and the writer reads the payloads back, in its own order, in batches
+    (adjacent ranges merged), byte for byte. A staging file cut short is a clear error."""
+    import pickle
+
+    from lmc_audit.transforms.manifests.staging import StagePayloads, remove_staging, staged_payloads
+
+    rng = random.Random(0)
+    payloads = [bytes(rng.getrandbits(8) for _ in range(rng.randrange(1, 3000))) for _ in range(60)]
+    recipes = [f'{{"device": "cpu", "n": {i % 3}}}' for i in range(60)]
+
+    def chunk_rows(i, k):  # stands in for PartKeys.chunk_rows: (part, (row, payload fields or None))
+        return (0, i % 2), ((f"doc{i}", i), None if i % 7 == 0 else ("model", recipes[i], payloads[i]))
+
+    staging = "_staging/test-run"
+    fn = StagePayloads(str(tmp_path), staging, chunk_rows, 0.2)
+    out = []
+    for bundle in (range(0, 25), range(25, 60)):  # two bundles: two staging files
+        fn.start_bundle()
+        for i in bundle:
+            out += list(fn.process(i))
+        fn.finish_bundle()
+    assert len(list((tmp_path / staging).iterdir())) == 2
+    for (part, (row, ref)), i in zip(out, range(60)):
+        assert part == (0, i % 2) and row == (f"doc{i}", i)
+        if i % 7 == 0:
+            assert ref is None
+        else:  # no payload bytes in the element: method and (file, offset, recipe length, payload length)
+            method, (name, offset, recipe_len, payload_len) = ref
+            assert method == "model" and (recipe_len, payload_len) == (len(recipes[i].encode()), len(payloads[i]))
+            assert len(pickle.dumps((part, (row, ref)))) < 200
+    wanted = [(row, ref) for _, (row, ref) in out if ref is not None]
+    rng.shuffle(wanted)  # the writer's order is its own
+    for batch_bytes in (1, 5000, 1 << 30):
+        got = list(staged_payloads(str(tmp_path), staging, wanted, batch_bytes))
+        assert [row for row, _ in got] == [row for row, _ in wanted]
+        assert all(fields == ("model", recipes[row[1]], payloads[row[1]]) for row, fields in got)
+    staged = sorted((tmp_path / staging).iterdir())[0]
+    staged.write_bytes(staged.read_bytes()[:100])
+    with pytest.raises(OSError, match="staged payloads .* end early"):
+        list(staged_payloads(str(tmp_path), staging, wanted, 1 << 30))
+    remove_staging(str(tmp_path), staging)
+    assert not (tmp_path / "_staging").exists()

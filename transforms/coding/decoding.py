@@ -9,6 +9,7 @@ decoding, the length and CRC32 of the bytes are checked too.
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Iterator, Sequence
 
 import apache_beam as beam
@@ -181,11 +182,15 @@ class VerifyPayloadsFn(beam.DoFn):
         self._ok = Metrics.counter(NAMESPACE, "payloads_verified")
         self._failed = Metrics.counter(NAMESPACE, "payloads_failed")
         self._failed_names = Metrics.string_set(NAMESPACE, "payloads_failed_chunks")
+        # Model time of verification, apart from scoring's (run.json's ``job_metrics.model_seconds``).
+        self._latency = Metrics.distribution(NAMESPACE, "verification_batch_latency_micro_secs")
 
     def process(self, batch: list[ScoredChunk]) -> Iterator[tuple[str, bool]]:
         names = [chunk_name(s.chunk.doc_id, s.chunk.chunk_index) for s in batch]
+        t0 = time.perf_counter()
         decoded = self._decoder.decode([s.payload for s in batch], names, [s.recipe for s in batch],
                                        [s.chunk.data for s in batch])
+        self._latency.update(int((time.perf_counter() - t0) * 1e6))
         for scored, name, got in zip(batch, names, decoded):
             if isinstance(got, bytes) and got == scored.chunk.data:
                 self._ok.inc()

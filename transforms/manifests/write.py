@@ -10,11 +10,13 @@ book spreads its chunks over all its shard's parts), and parts are written
 in parallel. Within a file rows are sorted, with an explicit schema: the
 files are byte-identical whatever the batch size, bundle boundaries or
 number of workers, which Beam's ``WriteToParquet`` does not promise (its
-sharding follows bundles). A part's chunks (with their payloads, the bulk of
-what is written) and its documents are two groups, each written by its own
-step (``WriteChunkFiles``, ``WriteDocumentFiles``). The groups carry no text:
-chunks lose their bytes before them, per-token scores are bounded summaries,
-and each document's hashes and sketch were made while it was read. A shard's
+sharding follows bundles). A part's chunks and its documents are two
+groups, each written by its own step (``WriteChunkFiles``,
+``WriteDocumentFiles``). The groups carry no text and no payloads: chunks
+lose their bytes before them, payloads (the bulk of what is written) wait in
+staging files and travel as references (``staging``), per-token scores are
+bounded summaries, and each document's hashes and sketch were made while it
+was read. A shard's
 row is the merge of its parts' totals (``ShardTotals``); its commit marker is
 written after every part's files. Rows stream through ``pq.ParquetWriter`` in row groups into a
 temporary file renamed into place (local) or a multipart upload committed
@@ -34,9 +36,10 @@ import numpy as np
 
 from lmc_audit.transforms.coding import payloads
 from lmc_audit.transforms.manifests import schemas
-from lmc_audit.transforms.manifests.files import (EMPTY, SHARD_ROWS_PER_PART, list_files, part_file_name, part_name,
-                                                  part_of, remove_file, shards_table_part, shards_table_parts,
-                                                  write_rows)
+from lmc_audit.transforms.manifests.files import (EMPTY, ROW_GROUP_BYTES, SHARD_ROWS_PER_PART, list_files,
+                                                  part_file_name, part_name, part_of, remove_file, shards_table_part,
+                                                  shards_table_parts, write_rows)
+from lmc_audit.transforms.manifests.staging import StagePayloads, new_staging_folder, remove_staging, staged_payloads
 from lmc_audit.transforms.manifests.state import STATE_SKETCHES, sketch_row, write_commit_marker
 from lmc_audit.transforms.scoring import signals
 from lmc_audit.transforms.documents.document_facts import DocumentDescriber, DocumentFacts
@@ -270,12 +273,13 @@ class WriteChunkFiles(beam.DoFn):
     """Writes the chunk and payload files of one part of a shard; yields (shard index, (part, shard, None)),
     which tells ``CommitShard`` the part's chunks are written.
 
-    A chunk comes as its row (and its payload row), without its text or per-token scores, with the
-    reference model's bits where the job has one. Rows are sorted, then streamed into the files.
+    A chunk comes as its row (and a reference to its staged payload), without its text or per-token scores,
+    with the reference model's bits where the job has one. Rows are sorted, then streamed into the files;
+    payloads are read back from staging a row group at a time.
     """
 
-    def __init__(self, output: str):
-        self._output = output
+    def __init__(self, output: str, staging: str):
+        self._output, self._staging = output, staging
 
     def process(self, element) -> Iterator[tuple[int, tuple[int, str, None]]]:
         (index, part), grouped = element
@@ -296,7 +300,9 @@ class WriteChunkFiles(beam.DoFn):
 
         write_rows(self._output, "chunks", name, rows(), schemas.CHUNKS, as_tuples=True)
         if any(p is not None for _, p in chunks):
-            write_rows(self._output, "payloads", name, (payload_row_of(c, p) for c, p in chunks if p is not None),
+            staged = staged_payloads(self._output, self._staging, ((c, p) for c, p in chunks if p is not None),
+                                     ROW_GROUP_BYTES)
+            write_rows(self._output, "payloads", name, (payload_row_of(c, p) for c, p in staged),
                        schemas.PAYLOADS, as_tuples=True, row_bytes=_payload_bytes)
         yield index, (part, shard, None)
 
@@ -533,6 +539,12 @@ class PartKeys:
                                                                                s.bits)
 
 
+def _staging_removed(element: dict, output: str, staging: str) -> dict:
+    """Every shard's files are committed by now: the run's staged payloads are read."""
+    remove_staging(output, staging)
+    return element
+
+
 def _by_document(s: ScoredChunk):
     c = s.chunk
     return (c.shard_index, c.position, c.doc_id), s
@@ -563,16 +575,19 @@ class WriteManifests(beam.PTransform):
         self._committed = list(committed)
         self._duplicates = duplicates
         self._keys = PartKeys(dict(parts or {}))
+        self._staging = new_staging_folder()  # this run's: a retried or concurrent job never shares it
         # Every listed shard (``parts`` covers the whole listing, committed shards too): sizes the shards table.
         self._shards = max(len(parts or {}), len(self._committed))
 
     def expand(self, inputs):
         chunks, dead_letters, facts, *reference = inputs
         keys = self._keys
-        # Chunks (with their payloads: the bulk of what is written) and documents are grouped apart. A
-        # CoGroupByKey flattens its inputs first, and a runner that holds a group in memory (DirectRunner)
-        # then holds that Flatten and the group at once; a plain GroupByKey of the chunks has no Flatten.
-        chunk_rows = chunks | "ChunkRows" >> beam.Map(keys.chunk_rows, self._signals.k)
+        # Chunks and documents are grouped apart. A CoGroupByKey flattens its inputs first, and a runner
+        # that holds a group in memory (DirectRunner) then holds that Flatten and the group at once; a plain
+        # GroupByKey of the chunks has no Flatten. Payloads (the bulk of what is written) are staged in
+        # files and the chunks' group carries references to them.
+        chunk_rows = chunks | "ChunkRows" >> beam.ParDo(
+            StagePayloads(self._output, self._staging, keys.chunk_rows, self._signals.k))
         if reference:
             chunk_groups = ({"chunks": chunk_rows,
                              "reference": reference[0] | "KeyReference" >> beam.Map(keys.reference)}
@@ -592,7 +607,7 @@ class WriteManifests(beam.PTransform):
                                                      | "KeyReferenceByDocument" >> beam.Map(_by_document)
                                                      | "DocumentReferenceBits" >> beam.CombinePerKey(ReferenceBitsFn())
                                                      | "KeyReferenceByPart" >> beam.Map(keys.document))
-        chunk_parts = chunk_groups | "WriteChunkFiles" >> beam.ParDo(WriteChunkFiles(self._output))
+        chunk_parts = chunk_groups | "WriteChunkFiles" >> beam.ParDo(WriteChunkFiles(self._output, self._staging))
         document_parts = (document_groups
                           | "GroupDocumentsByPart" >> beam.CoGroupByKey()
                           | "WriteDocumentFiles" >> beam.ParDo(WriteDocumentFiles(self._output, self._signals)))
@@ -609,4 +624,5 @@ class WriteManifests(beam.PTransform):
             duplicates = pipeline | "NoDuplicates" >> beam.Create([])
         shard_rows = (written, committed) | "AllShardRows" >> beam.Flatten()
         return ((shard_rows, duplicates)
-                | "WriteShardsTable" >> WriteShardsTable(self._output, self._shards, self._duplicates is not None))
+                | "WriteShardsTable" >> WriteShardsTable(self._output, self._shards, self._duplicates is not None)
+                | "RemoveStaging" >> beam.Map(_staging_removed, self._output, self._staging))

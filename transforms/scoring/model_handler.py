@@ -36,6 +36,7 @@ import dataclasses
 import json
 import logging
 import math
+import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -180,6 +181,10 @@ class CausalLMHandler(ModelHandler[TokenizedChunk, ScoredChunk, LoadedModel]):
         self._padded = Metrics.counter(NAMESPACE, "padded_positions")
         self._real = Metrics.counter(NAMESPACE, "scored_positions")
         self._rows = Metrics.distribution(NAMESPACE, "rows_per_forward")
+        # Time in the model's own work (forward, per-token statistics, the coder's symbol tables; on
+        # CUDA the wait for them), apart from the host's (rows, summaries, range coding), which
+        # RunInference's batch latency counts together.
+        self._model_time = Metrics.distribution(NAMESPACE, "model_micro_secs")
 
     def load_model(self) -> LoadedModel:
         lm = load_causal_lm(self._model_spec, self._device, self._dtype, self._trust_remote_code)
@@ -264,8 +269,11 @@ class CausalLMHandler(ModelHandler[TokenizedChunk, ScoredChunk, LoadedModel]):
         (log p, Min-K%++ z) come from one plain forward, as without coding."""
         c = self._coding
         coder = BlockCoder(lm.model, lm.device, c.precision, c.rows, c.block, group[0].start_id, lm.pad_id)
+        t0 = time.perf_counter()
         with lm.precision():
+            # The blocks scheme interleaves its forwards with range coding: all of it counts as the model's.
             streams, logp = coder.encode([np.asarray(item.targets, np.int64) for item in group], length)
+        self._model_time.update(int((time.perf_counter() - t0) * 1e6))
         scores = self._finish(self._launch(group, length, lm, code=False), lm)
         recipe = self.recipe(lm)
         recipe_text = recipe.to_json()
@@ -287,6 +295,7 @@ class CausalLMHandler(ModelHandler[TokenizedChunk, ScoredChunk, LoadedModel]):
         tensors = [torch.from_numpy(a) for a in (inputs, targets)]
         if cuda:
             tensors = [t.pin_memory() for t in tensors]
+        t0 = time.perf_counter()
         inputs_d, targets_d = (t.to(lm.device, non_blocking=cuda) for t in tensors)
         min_tokens = self._coding.min_tokens if self._coding else MIN_TOKENS
         with lm.precision():
@@ -296,18 +305,22 @@ class CausalLMHandler(ModelHandler[TokenizedChunk, ScoredChunk, LoadedModel]):
             results += list(code_symbols(logits, targets_d, self._coding.precision))
         del logits
         if not cuda:
+            self._model_time.update(int((time.perf_counter() - t0) * 1e6))
             return group, length, [t.numpy() for t in results], None
         host = [torch.empty(t.shape, dtype=t.dtype, pin_memory=True) for t in results]
         for h, t in zip(host, results):
             h.copy_(t, non_blocking=True)
         done = torch.cuda.Event()
         done.record()
+        self._model_time.update(int((time.perf_counter() - t0) * 1e6))
         return group, length, host, done
 
     def _finish(self, launched, lm: LoadedModel) -> list[ScoredChunk]:
         group, length, arrays, done = launched
         if done is not None:
+            t0 = time.perf_counter()
             done.synchronize()
+            self._model_time.update(int((time.perf_counter() - t0) * 1e6))
             arrays = [a.numpy() for a in arrays]
         logp, z = arrays[:2]
         coded = len(arrays) == 4
