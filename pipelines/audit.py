@@ -613,22 +613,22 @@ def builds_job_only(options: PipelineOptions, result) -> bool:
 
 def collect_job_metrics(result) -> dict:
     """Beam metrics of the finished job (padding, dedup pairs, time in the model); empty where the runner keeps none."""
-    def counter(name: str) -> int | None:
+    def committed(name: str, kind: str) -> list | None:
         try:
             found = result.metrics().query(beam.metrics.MetricsFilter().with_namespace(NAMESPACE)
-                                           .with_name(name))["counters"]
+                                           .with_name(name))[kind]
         except Exception:
             return None
-        return int(sum(c.committed or 0 for c in found)) if found else None
+        return [m.committed for m in found if m.committed is not None] if found else None
+
+    def counter(name: str) -> int | None:
+        values = committed(name, "counters")
+        return None if values is None else int(sum(values))
 
     def seconds(name: str) -> float | None:
         """Sum of a latency distribution in microseconds, in seconds."""
-        try:
-            found = result.metrics().query(beam.metrics.MetricsFilter().with_namespace(NAMESPACE)
-                                           .with_name(name))["distributions"]
-        except Exception:
-            return None
-        return round(sum(d.committed.sum for d in found if d.committed) / 1e6, 3) if found else None
+        values = committed(name, "distributions")
+        return None if values is None else round(sum(d.sum for d in values) / 1e6, 3)
 
     padded, real = counter("padded_positions"), counter("scored_positions")
     scoring = seconds("model_micro_secs")  # scoring's and NCD's forwards
