@@ -89,3 +89,38 @@ def test_grown_model_copies_a_repeated_text_that_the_bundled_model_does_not(grow
     y = (SAMPLE / "howto__unicode.txt").read_bytes()[:1500]
     rows = torch.tensor([[BOS_ID, *y]])
     assert _bits(grown, rows).item() < 1.1 * _bits(old, rows).item()
+
+
+def test_freezing_the_circuit_holds_exactly_what_was_built(grown):
+    """``circuit_entries`` masks the circuit and the old weights' scratch entries, and nothing of the old
+    model: with every masked entry zeroed the grown model predicts as the bundled model does. Held
+    through an optimizer step (``train.py --freeze-circuit``), masked entries keep their built values
+    while the others train."""
+    from transformers import LlamaForCausalLM
+
+    from lmc_audit.pipelines.default_model.induction import circuit_entries
+    from lmc_audit.pipelines.default_model.train import hold_entries, restore_entries
+
+    masks = circuit_entries(grown, {"scratch": 62, "matches": "20:30,12:8"})
+    rows = torch.tensor(np.concatenate([[BOS_ID], _sample_stream()[5000:5511]]), dtype=torch.int64)[None]
+    plain = copy.deepcopy(grown)
+    with torch.no_grad():
+        for name, p in plain.named_parameters():
+            p[masks[name]] = 0.0
+    old = LlamaForCausalLM.from_pretrained(bundled_model_dir(), dtype=torch.float32).eval()
+    with torch.no_grad():
+        assert torch.allclose(plain(input_ids=rows).logits, old(input_ids=rows).logits, atol=1e-3)
+        assert not torch.allclose(grown(input_ids=rows).logits, old(input_ids=rows).logits, atol=1e-3)
+
+    model = copy.deepcopy(grown).train()
+    built = {n: p.detach().clone() for n, p in model.named_parameters()}
+    held = hold_entries(model, masks)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.1)
+    model(input_ids=rows, labels=rows).loss.backward()
+    opt.step()
+    restore_entries(held)
+    moved = 0
+    for name, p in model.named_parameters():
+        assert torch.equal(p[masks[name]], built[name][masks[name]]), name
+        moved += int((p[~masks[name]] != built[name][~masks[name]]).sum())
+    assert moved > 0.5 * sum(int((~m).sum()) for m in masks.values())

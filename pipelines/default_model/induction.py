@@ -284,6 +284,36 @@ def grow(model_dir: Path, stream: np.ndarray, *, scratch: int = 62, offsets=OFFS
     return new
 
 
+def circuit_entries(model, grown: dict) -> dict[str, torch.Tensor]:
+    """Per parameter name, a mask of the entries that are the circuit or keep the old weights off the
+    scratch dimensions (``grown``: training.json's ``grown`` record): what ``train.py --freeze-circuit``
+    holds at their built values, so that fine-tuning trains the old weights around the circuit."""
+    cfg = model.config
+    extra = max(2, len(str(grown.get("matches", "")).split(",")))
+    d0 = cfg.hidden_size - int(grown["scratch"])
+    nd = cfg.head_dim
+    old = (cfg.num_attention_heads - extra) * nd  # rows of the old heads in q/k/v, columns in o
+    masks = {}
+    for name, p in model.named_parameters():
+        m = torch.zeros_like(p, dtype=torch.bool)
+        if name.endswith("norm.weight"):
+            m[d0:] = True
+        elif "embed_tokens" in name or "lm_head" in name or ".mlp.gate_proj" in name or ".mlp.up_proj" in name:
+            m[:, d0:] = True
+        elif ".mlp.down_proj" in name:
+            m[d0:] = True
+        elif ".self_attn." in name and name.endswith(".bias"):
+            m[:] = True
+        elif ".self_attn.o_proj" in name:
+            m[:, old:] = True
+            m[d0:, :] = True
+        elif ".self_attn." in name:  # q, k, v weights
+            m[old:] = True
+            m[:, d0:] = True
+        masks[name] = m
+    return masks
+
+
 def _residual_at(model, layer: int | None, rows: torch.Tensor) -> torch.Tensor:
     """The residual stream entering decoder layer ``layer`` (None: entering the final norm)."""
     store = {}

@@ -130,6 +130,19 @@ def copy_ratio(model, stream: np.ndarray, length: int = 500, texts: int = 8) -> 
     return totals[1] / totals[0]
 
 
+def hold_entries(model, masks: dict[str, torch.Tensor]) -> list[tuple]:
+    """(parameter, mask, values now) for every parameter with masked entries: what ``restore_entries``
+    puts back after each optimizer step (AdamW's decoupled decay would move entries a zero gradient
+    leaves, so the values are restored rather than the gradients masked)."""
+    return [(p, masks[n], p.detach()[masks[n]].clone()) for n, p in model.named_parameters() if masks[n].any()]
+
+
+def restore_entries(held: list[tuple]) -> None:
+    with torch.no_grad():
+        for p, mask, values in held:
+            p[mask] = values
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--docs-root", type=Path, default=DOCS_ROOT)
@@ -150,6 +163,9 @@ def main(argv: list[str] | None = None) -> None:
                    help="share of copy windows whose span is random bytes (only copying predicts them)")
     p.add_argument("--init-from", type=Path, default=None,
                    help="continue from this model's weights (its training.json is kept as the base)")
+    p.add_argument("--freeze-circuit", action="store_true",
+                   help="with --init-from a grown model (induction.py): hold the copying circuit's weights, and "
+                        "the old weights' entries on its scratch dimensions, at their built values")
     p.add_argument("--warmup-steps", type=int, default=100)
     p.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     args = p.parse_args(argv)
@@ -170,6 +186,15 @@ def main(argv: list[str] | None = None) -> None:
         model = build_model(args.hidden, args.layers, args.heads, args.ffn, max_positions=4096)
     params = sum(p.numel() for p in model.parameters())
     print(f"parameters {params:,}", flush=True)
+    held = []  # (parameter, mask, built values): restored after every step
+    if args.freeze_circuit:
+        from lmc_audit.pipelines.default_model.induction import circuit_entries
+
+        grown = json.loads((args.init_from / "training.json").read_text()).get("grown") if args.init_from else None
+        if not grown:
+            raise SystemExit("--freeze-circuit needs --init-from a model grown by induction.py")
+        held = hold_entries(model, circuit_entries(model, grown))
+        print(f"frozen entries {sum(int(m.sum()) for _, m, _ in held):,}", flush=True)
     decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
     no_decay = [p for n, p in model.named_parameters() if p.dim() < 2]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.1},
@@ -196,6 +221,7 @@ def main(argv: list[str] | None = None) -> None:
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
+        restore_entries(held)
         step += 1
         tokens += batch * (seq - 1)
         if step % 50 == 0:
@@ -223,6 +249,7 @@ def main(argv: list[str] | None = None) -> None:
         "seed": args.seed,
         "train_bytes": int(len(train_stream)),
         "copy_fraction": args.copy_fraction,
+        "freeze_circuit": args.freeze_circuit,
         "random_share": args.random_share,
     }
     if args.init_from is not None:
