@@ -431,8 +431,8 @@ def test_document_numbers_are_finished_where_chunks_are_scored_in_bounded_memory
 
 
 def test_payloads_travel_to_the_writer_as_staged_references(tmp_path):
-    """A chunk's recipe and payload go to its bundle's staging file; what reaches the writer's group is a
-    reference of four small values, and the writer reads the payloads back, in its own order, in batches
+    """A chunk's payload (its recipe once per file) goes to its bundle's staging file; what reaches the
+    writer's group is a reference of five small values, and the writer reads the payloads back, in its own order, in batches
     (adjacent ranges merged), byte for byte. A staging file cut short is a clear error."""
     import pickle
 
@@ -447,6 +447,7 @@ def test_payloads_travel_to_the_writer_as_staged_references(tmp_path):
 
     staging = "_staging/test-run"
     fn = StagePayloads(str(tmp_path), staging, chunk_rows, 0.2)
+    fn.setup()
     out = []
     for bundle in (range(0, 25), range(25, 60)):  # two bundles: two staging files
         fn.start_bundle()
@@ -454,12 +455,15 @@ def test_payloads_travel_to_the_writer_as_staged_references(tmp_path):
             out += list(fn.process(i))
         fn.finish_bundle()
     assert len(list((tmp_path / staging).iterdir())) == 2
+    staged_bytes = sum(len(payloads[i]) for i in range(60) if i % 7) + sum(
+        len(r.encode()) for bundle in (range(0, 25), range(25, 60)) for r in {recipes[i] for i in bundle if i % 7})
+    assert sum(f.stat().st_size for f in (tmp_path / staging).iterdir()) == staged_bytes  # a recipe once per file
     for (part, (row, ref)), i in zip(out, range(60)):
         assert part == (0, i % 2) and row == (f"doc{i}", i)
         if i % 7 == 0:
             assert ref is None
         else:  # no payload bytes in the element: method and (file, offset, recipe length, payload length)
-            method, (name, offset, recipe_len, payload_len) = ref
+            method, (name, recipe_at, recipe_len, offset, payload_len) = ref
             assert method == "model" and (recipe_len, payload_len) == (len(recipes[i].encode()), len(payloads[i]))
             assert len(pickle.dumps((part, (row, ref)))) < 200
     wanted = [(row, ref) for _, (row, ref) in out if ref is not None]

@@ -4,9 +4,9 @@ A part's chunk and payload rows are written sorted, after a grouping by part. Ca
 grouping, every payload (about a fifth of the text under a trained model, as large as the text under an
 untrained one) and its recipe would be shuffled on Dataflow and, on a runner that keeps grouped data in
 memory (DirectRunner holds a job's grouped PCollections in its one process), held whole: memory that grows
-with the corpus. Instead the step that makes a chunk's rows appends its recipe and payload to its bundle's
-staging file under ``<output>/_staging/<run token>/`` and passes on ``(file, offset, recipe length, payload
-length)``; the writer reads a part's payloads back in row-group batches through fsspec's ``cat_ranges``
+with the corpus. Instead the step that makes a chunk's rows appends its payload (and its recipe, once per
+file) to its bundle's staging file under ``<output>/_staging/<run token>/`` and passes on where they lie
+(five small values); the writer reads a part's payloads back in row-group batches through fsspec's ``cat_ranges``
 (adjacent ranges merged first: one read, or one ranged GET on an object store, per run of them), so it
 holds one row group's payloads at a time. Beam's own file sinks stage per bundle the same way: a bundle's
 file is closed in ``finish_bundle``, before its elements reach the grouping, and a retried bundle writes a
@@ -41,32 +41,44 @@ def _folder(output: str, staging: str) -> tuple[fsspec.AbstractFileSystem, str]:
 
 
 class StagePayloads(beam.DoFn):
-    """A scored chunk in; ``(part, (chunk row, (method, StagedRef) | None))`` out, the chunk's recipe and
-    payload appended to this bundle's staging file (``PartKeys.chunk_rows`` makes the rows)."""
+    """A scored chunk in; ``(part, (chunk row, (method, ref) | None))`` out, where ``ref`` is (file, recipe
+    offset, recipe length, payload offset, payload length) in this bundle's staging file. A recipe is
+    written once per file (a bundle's chunks share one or two), a payload per chunk (``PartKeys.chunk_rows``
+    makes the rows)."""
 
     def __init__(self, output: str, staging: str, chunk_rows, k: float):
         self._output, self._staging = output, staging
         self._chunk_rows, self._k = chunk_rows, k
 
+    def setup(self) -> None:
+        self._fs, self._folder = _folder(self._output, self._staging)
+        self._fs.makedirs(self._folder, exist_ok=True)
+        self._file = None
+
     def start_bundle(self) -> None:
         self._file = None
         self._name = ""
         self._offset = 0
+        self._recipes: dict[str, tuple[int, int]] = {}
+
+    def _write(self, data: bytes) -> int:
+        at = self._offset
+        self._file.write(data)
+        self._offset += len(data)
+        return at
 
     def process(self, s: ScoredChunk) -> Iterator:
         part, (row, payload) = self._chunk_rows(s, self._k)
         if payload is not None:
             method, recipe, data = payload
             if self._file is None:
-                fs, folder = _folder(self._output, self._staging)
-                fs.makedirs(folder, exist_ok=True)
                 self._name = f"{uuid.uuid4().hex}.bin"
-                self._file = fs.open(f"{folder}/{self._name}", "wb")
-            recipe_bytes = recipe.encode()
-            self._file.write(recipe_bytes)
-            self._file.write(data)
-            payload = (method, (self._name, self._offset, len(recipe_bytes), len(data)))
-            self._offset += len(recipe_bytes) + len(data)
+                self._file = self._fs.open(f"{self._folder}/{self._name}", "wb")
+            if recipe not in self._recipes:
+                encoded = recipe.encode()
+                self._recipes[recipe] = (self._write(encoded), len(encoded))
+            recipe_at, recipe_len = self._recipes[recipe]
+            payload = (method, (self._name, recipe_at, recipe_len, self._write(data), len(data)))
         yield part, (row, payload)
 
     def finish_bundle(self) -> None:
@@ -80,14 +92,14 @@ class StagePayloads(beam.DoFn):
 
 
 def staged_payloads(output: str, staging: str, refs: Iterable[tuple], batch_bytes: int) -> Iterator[tuple]:
-    """``(key, (method, StagedRef))`` in order in; ``(key, (method, recipe, payload))`` out in the same order,
+    """``(key, (method, ref))`` in order in; ``(key, (method, recipe, payload))`` out in the same order,
     read back in batches of about ``batch_bytes`` of payloads."""
     fs, folder = _folder(output, staging)
     batch: list[tuple] = []
     size = 0
     for item in refs:
         batch.append(item)
-        size += item[1][1][2] + item[1][1][3]
+        size += item[1][1][4]
         if size >= batch_bytes:
             yield from _read_batch(fs, folder, batch)
             batch, size = [], 0
@@ -97,7 +109,12 @@ def staged_payloads(output: str, staging: str, refs: Iterable[tuple], batch_byte
 def _read_batch(fs, folder: str, batch: list[tuple]) -> Iterator[tuple]:
     if not batch:
         return
-    spans = sorted({(f"{folder}/{ref[0]}", ref[1], ref[1] + ref[2] + ref[3]) for _, (_, ref) in batch})
+    spans = set()
+    for _, (_, (name, recipe_at, recipe_len, at, length)) in batch:
+        path = f"{folder}/{name}"
+        spans.add((path, recipe_at, recipe_at + recipe_len))
+        spans.add((path, at, at + length))
+    spans = sorted(spans)
     paths, starts, ends = merge_offset_ranges([p for p, _, _ in spans], [s for _, s, _ in spans],
                                               [e for _, _, e in spans], max_gap=MERGE_GAP, sort=True)
     blocks = fs.cat_ranges(paths, starts, ends)
@@ -111,12 +128,15 @@ def _read_batch(fs, folder: str, batch: list[tuple]) -> Iterator[tuple]:
         found = by_path.setdefault(path, ([], []))
         found[0].append(start)  # ascending: merge_offset_ranges sorted them
         found[1].append(block)
-    for key, (method, (name, offset, recipe_len, payload_len)) in batch:
-        block_starts, block_data = by_path[f"{folder}/{name}"]
-        i = bisect.bisect_right(block_starts, offset) - 1  # merged blocks do not overlap
-        at = offset - block_starts[i]
-        block = block_data[i]
-        yield key, (method, block[at:at + recipe_len].decode(), block[at + recipe_len:at + recipe_len + payload_len])
+
+    def read(path: str, at: int, length: int) -> bytes:
+        block_starts, block_data = by_path[path]
+        i = bisect.bisect_right(block_starts, at) - 1  # merged blocks do not overlap
+        return block_data[i][at - block_starts[i]:at - block_starts[i] + length]
+
+    for key, (method, (name, recipe_at, recipe_len, at, length)) in batch:
+        path = f"{folder}/{name}"
+        yield key, (method, read(path, recipe_at, recipe_len).decode(), read(path, at, length))
 
 
 def remove_staging(output: str, staging: str) -> None:
