@@ -124,3 +124,39 @@ def test_freezing_the_circuit_holds_exactly_what_was_built(grown):
         assert torch.equal(p[masks[name]], built[name][masks[name]]), name
         moved += int((p[~masks[name]] != built[name][~masks[name]]).sum())
     assert moved > 0.5 * sum(int((~m).sum()) for m in masks.values())
+
+
+def test_recalibrating_puts_the_match_heads_back_after_the_residual_grows(grown):
+    """Fine-tuning grows the old weights' share of the residual, which the match heads read and write
+    through RMS norms; ``recalibrate`` scales them back. A grown residual simulated: the old MLPs of the
+    last two layers write 3x and 2x as much into the old dimensions."""
+    from lmc_audit.pipelines.default_model.induction import circuit_scales, recalibrate
+
+    stream = _sample_stream()
+    record = {"scratch": 62, "matches": "20:30,12:8"}
+    built = circuit_scales(grown, stream)
+
+    same = copy.deepcopy(grown)
+    done = recalibrate(same, built, record, stream)
+    assert done["score_scale"] == pytest.approx(1.0, abs=1e-6) and done["boost_scale"] == pytest.approx(1.0, abs=1e-6)
+    for (name, p), q in zip(same.named_parameters(), grown.parameters()):
+        assert torch.allclose(p, q, rtol=1e-5, atol=0), name
+
+    d0 = grown.config.hidden_size - record["scratch"]
+    louder = copy.deepcopy(grown)
+    with torch.no_grad():
+        louder.model.layers[-2].mlp.down_proj.weight[:d0] *= 3
+        louder.model.layers[-1].mlp.down_proj.weight[:d0] *= 2
+    x = (SAMPLE / "library__code.txt").read_bytes()[:600]
+    once, twice = torch.tensor([[BOS_ID, *x]]), torch.tensor([[BOS_ID, *(x + x)]])
+
+    def ratio(model) -> float:
+        return (_bits(model, twice) / _bits(model, once)).item()
+
+    r_built, r_louder = ratio(grown), ratio(louder)
+    assert r_louder > r_built + 0.1, (r_built, r_louder)
+    done = recalibrate(louder, built, record, stream)
+    assert done["score_scale"] > 1.2 and done["boost_scale"] > 1.2, done
+    r_back = ratio(louder)
+    # about half the copying lost comes back (the rest: the earlier layers' accumulator, not rescaled)
+    assert r_back < r_louder - 0.08 and r_back - r_built < 0.7 * (r_louder - r_built), (r_built, r_louder, r_back)

@@ -117,7 +117,8 @@ def main(argv: list[str] | None = None) -> None:
         "## Shape", "",
         f"- parameters: {t['parameters']:,} (hidden {config['hidden_size']}, {config['num_hidden_layers']} layers, "
         f"{config['num_attention_heads']} heads, FFN {config['intermediate_size']}, tied embeddings)",
-        f"- weights: float32 safetensors, {(args.model_dir / 'model.safetensors').stat().st_size / 1e6:.1f} MB", "",
+        f"- weights: {config.get('dtype', config.get('torch_dtype', 'float32'))} safetensors, "
+        f"{(args.model_dir / 'model.safetensors').stat().st_size / 1e6:.1f} MB (lmc-audit computes in float32 on CPU)", "",
         "## Training", "",
         "- data: the reStructuredText sources of the Python 3.11 documentation as Debian ships them "
         "(package `python3.11-doc`, `/usr/share/doc/python3.11-doc/html/_sources`, PSF licence)",
@@ -136,6 +137,12 @@ def main(argv: list[str] | None = None) -> None:
         *[f"- copying circuit written into the weights by `python -m lmc_audit.pipelines.default_model.induction` "
           f"({json.dumps(b['grown'])}): previous-byte heads and match heads added to every layer"
           for b in _chain(t) if "grown" in b][:1],
+        *["- fine-tuned with the circuit frozen (`train.py --freeze-circuit`): the circuit's weights and the old "
+          "weights' entries on its dimensions held at their built values, the old weights trained around it"
+          for b in _chain(t) if b.get("freeze_circuit")][:1],
+        *[f"- match heads recalibrated after fine-tuning (`induction.py --recalibrate`): scores x{r_['score_scale']:.3f}, "
+          f"copy boost x{r_['boost_scale']:.3f} (alpha scale {r_['alpha_scale']})"
+          for r_ in [t.get("recalibrated")] if r_],
         f"- in all: {sum(b.get('training_tokens', 0) for b in _chain(t)):,} training bytes in "
         f"{sum(b.get('training_seconds', 0) for b in _chain(t)) / 60:.1f} min",
         "- script: `python -m lmc_audit.pipelines.default_model.train`", "",

@@ -30,6 +30,10 @@ The grown model is an ordinary ``LlamaForCausalLM`` (transformers' own code runs
   coordinates), so the logit of the byte that followed the match rises by about ``alpha``. One head
   with a high threshold and a large alpha, one with a lower threshold and a small alpha.
 
+After a fine-tune (``train.py --init-from DIR --freeze-circuit``), ``--recalibrate BUILT_DIR`` puts the
+match heads back at the strength they were built with (``recalibrate``): the fine-tune grows the old
+weights' share of the residual, which the heads read and write through RMS norms.
+
 Measured on the held-out split (README, The bundled model): the copy ratio falls from 2.0 to about
 1.2 while held-out bits per byte stay within 1% of the bundled model's; the limit is the match's
 signal to noise, 27 codes superposed in 52 dimensions (noise about K / sqrt(dims)).
@@ -314,6 +318,56 @@ def circuit_entries(model, grown: dict) -> dict[str, torch.Tensor]:
     return masks
 
 
+def circuit_scales(model, stream: np.ndarray, seed: int = 0) -> dict[str, float]:
+    """The two residual scales the match heads were sized by: the RMS entering the last layer (the
+    heads' scores go as 1 / rms^2 of it) and the RMS entering the final norm over the old weights'
+    gain on the logits (the copied byte's logit boost goes as its inverse); means over 8 windows of
+    1,024 bytes of ``stream``."""
+    rows = _rows(stream, np.random.default_rng(seed), 8, 1025)
+    cfg = model.config
+    last = cfg.num_hidden_layers - 1
+    x = _residual_at(model, last, rows)[:, 1:]
+    final = _residual_at(model, None, rows)[:, 1:]
+    # the old weights' dimensions: those the final norm reads (the scratch ones have weight 0 there)
+    old = (model.model.norm.weight != 0).nonzero().flatten()
+    with torch.no_grad():
+        e = model.model.embed_tokens.weight[:256][:, old]
+        gain = (e.pow(2) * model.model.norm.weight[old]).sum(-1).mean().item()
+    return {"rms_last": x.pow(2).mean(-1).sqrt().mean().item(),
+            "rms_final_over_gain": final.pow(2).mean(-1).sqrt().mean().item() / gain}
+
+
+def recalibrate(model, built: dict[str, float], grown: dict, stream: np.ndarray, alpha_scale: float = 1.0):
+    """Put the match heads back at the strength they were built with, in place, after fine-tuning.
+
+    Fine-tuning (even with ``train.py --freeze-circuit``, which holds the circuit's weights) grows
+    the old weights' share of the residual: the match heads read and write it through RMS norms, so
+    their attention sharpens less per matching byte (scores go as 1 / rms^2) and the copied byte's
+    boost shrinks after the final norm. Measured on the widen-3 frozen fine-tune: the last layer's
+    input RMS 2.17 -> 2.70, the final RMS over the logit gain +13%. Scaling the match heads' query
+    and key rows by the ratio of RMS restores their scores (thresholds included: both terms of a
+    score scale together), and their output columns by the ratio of the final scales restores the
+    boost; ``alpha_scale`` raises the boost beyond it. ``built``: ``circuit_scales`` of the model as
+    grown, on the same stream."""
+    now = circuit_scales(model, stream)
+    cfg = model.config
+    heads = len(str(grown["matches"]).split(","))
+    first = cfg.num_attention_heads - max(2, heads)
+    nd = cfg.head_dim
+    f_score = now["rms_last"] / built["rms_last"]
+    f_boost = now["rms_final_over_gain"] / built["rms_final_over_gain"] * alpha_scale
+    att = model.model.layers[-1].self_attn
+    with torch.no_grad():
+        for j in range(heads):
+            rows = slice((first + j) * nd, (first + j + 1) * nd)
+            for proj in (att.q_proj, att.k_proj):
+                proj.weight[rows] *= f_score
+                if proj.bias is not None:
+                    proj.bias[rows] *= f_score
+            att.o_proj.weight[:, rows] *= f_boost
+    return {"before": now, "built": built, "score_scale": f_score, "boost_scale": f_boost}
+
+
 def _residual_at(model, layer: int | None, rows: torch.Tensor) -> torch.Tensor:
     """The residual stream entering decoder layer ``layer`` (None: entering the final norm)."""
     store = {}
@@ -345,7 +399,8 @@ def _rows(stream: np.ndarray, rng: np.random.Generator, n: int, length: int) -> 
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model-dir", type=Path, required=True)
+    p.add_argument("--model-dir", type=Path, required=True,
+                   help="the model to grow; with --recalibrate, the fine-tune of a grown model")
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--docs-root", type=Path, default=DOCS_ROOT)
     p.add_argument("--scratch", type=int, default=62)
@@ -355,10 +410,17 @@ def main(argv: list[str] | None = None) -> None:
                    help="TAU:ALPHA per match head, comma-separated")
     p.add_argument("--energy", type=float, default=0.02)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--recalibrate", type=Path, default=None, metavar="BUILT_DIR",
+                   help="instead of growing: --model-dir is a fine-tune of the grown model in BUILT_DIR; "
+                        "write it to --out with its match heads put back at their built strength")
+    p.add_argument("--alpha-scale", type=float, default=1.0,
+                   help="with --recalibrate: the copied byte's boost times this")
     args = p.parse_args(argv)
     files = list_source_files(args.docs_root)
     train, _ = load_stream([f for f in files if not f.held_out])
     held, _ = load_stream([f for f in files if f.held_out])
+    if args.recalibrate:
+        return recalibrate_dir(args.model_dir, args.recalibrate, args.out, train, held, args.alpha_scale)
     matches = tuple(tuple(float(v) for v in m.split(":")) for m in args.matches.split(","))
     model = grow(args.model_dir, train, scratch=args.scratch, matches=matches, widen=args.widen, beta=args.beta,
                  energy=args.energy, seed=args.seed)
@@ -370,6 +432,26 @@ def main(argv: list[str] | None = None) -> None:
     record = dict(base)
     record["grown"] = {k: getattr(args, k) for k in ("scratch", "widen", "beta", "matches", "energy", "seed")}
     (args.out / "training.json").write_text(json.dumps(record, indent=2) + "\n")
+
+
+def recalibrate_dir(model_dir: Path, built_dir: Path, out: Path, train: np.ndarray, held: np.ndarray,
+                    alpha_scale: float) -> None:
+    """``--recalibrate``: scales measured on training text (never the held-out files), the record kept."""
+    from transformers import LlamaForCausalLM
+
+    record = json.loads((model_dir / "training.json").read_text())
+    grown = record.get("grown") or record.get("continued_from", {}).get("grown")
+    if not grown:
+        raise SystemExit(f"{model_dir}/training.json has no 'grown' record: recalibrate a fine-tune of a grown model")
+    built = LlamaForCausalLM.from_pretrained(built_dir, dtype=torch.float32).eval()
+    model = LlamaForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    done = recalibrate(model, circuit_scales(built, train), grown, train, alpha_scale)
+    print(f"score scale {done['score_scale']:.3f}  boost scale {done['boost_scale']:.3f}", flush=True)
+    print(f"copy ratio {copy_ratio(model, held):.3f}  held-out bpb {held_out_bpb(model, held, 1025):.3f}", flush=True)
+    out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out, safe_serialization=True)
+    record["recalibrated"] = {"alpha_scale": alpha_scale, **{k: done[k] for k in ("score_scale", "boost_scale")}}
+    (out / "training.json").write_text(json.dumps(record, indent=2) + "\n")
 
 
 if __name__ == "__main__":
