@@ -11,7 +11,9 @@ that no two documents are equal):
 - ``large``: one JSONL shard of about 40 MB plus one 10 MB single-document text file.
 
 Each job runs in its own process (``lmc-audit run``, DirectRunner); its peak RSS comes from
-``wait4`` (the kernel's high-water mark of the process and the workers it waited for). The
+``wait4`` (the kernel's high-water mark of the process and the workers it waited for), and each
+process's own (``ProcessPeaks``: with ``-- --direct_running_mode=multi_processing`` the runner's
+apart from the SDK workers'). The
 host path's rate leaves out the time inside the model (run.json's ``job_metrics.model_seconds``)
 and, from the difference of the two jobs, the fixed cost of starting one.
 ``--profile`` adds a cProfile of the small job (top functions by cumulative time).
@@ -82,6 +84,66 @@ def text_document(path: Path, size: int) -> Path:
     return path
 
 
+class ProcessPeaks:
+    """Each process's own high-water mark of resident memory (``VmHWM`` in ``/proc/PID/status``) for
+    a job's process and its descendants, read every ``interval`` seconds from a thread.
+
+    Why: ``wait4``'s ``ru_maxrss`` is the largest of them, which cannot say whether the peak belongs
+    to the runner (under DirectRunner the runner holds every shuffle's data in memory; on Dataflow
+    shuffles live in the shuffle service) or to an SDK worker (``--direct_running_mode
+    multi_processing`` runs the job's steps in worker processes, as Dataflow does)."""
+
+    def __init__(self, pid: int, interval: float = 0.25):
+        import threading
+
+        self.root, self.interval, self.peaks, self.commands = pid, interval, {}, {}
+        self._done = threading.Event()
+        self._thread = threading.Thread(target=self._watch, daemon=True)
+        self._thread.start()
+
+    def _children(self) -> dict[int, list[int]]:
+        tree: dict[int, list[int]] = {}
+        for entry in os.scandir("/proc"):
+            if entry.name.isdigit():
+                try:
+                    ppid = int(Path(f"/proc/{entry.name}/stat").read_text().rsplit(")", 1)[1].split()[1])
+                except (OSError, IndexError, ValueError):
+                    continue
+                tree.setdefault(ppid, []).append(int(entry.name))
+        return tree
+
+    def _sample(self) -> None:
+        tree, todo = self._children(), [self.root]
+        while todo:
+            pid = todo.pop()
+            todo += tree.get(pid, [])
+            try:
+                status = Path(f"/proc/{pid}/status").read_text()
+            except OSError:
+                continue
+            for line in status.splitlines():
+                if line.startswith("VmHWM:"):
+                    self.peaks[pid] = max(self.peaks.get(pid, 0), int(line.split()[1]) // 1024)
+            if pid not in self.commands:
+                try:
+                    self.commands[pid] = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()[:200]
+                except OSError:
+                    pass
+
+    def _watch(self) -> None:
+        while not self._done.wait(self.interval):
+            self._sample()
+
+    def stop(self) -> dict:
+        """Peaks in MiB: ``runner`` (the job's own process) and ``workers`` (its Python descendants)."""
+        self._done.set()
+        self._thread.join()
+        workers = {pid: mib for pid, mib in self.peaks.items()
+                   if pid != self.root and "python" in self.commands.get(pid, "")}
+        return {"runner_peak_rss_mib": self.peaks.get(self.root),
+                "worker_peak_rss_mib": max(workers.values()) if workers else None, "workers": len(workers)}
+
+
 def run_job(inputs: list[Path], output: Path, model: str, extra: list[str], profile: Path | None = None) -> dict:
     cmd = [sys.executable]
     if profile:
@@ -90,7 +152,9 @@ def run_job(inputs: list[Path], output: Path, model: str, extra: list[str], prof
             "--output", str(output), "--model", model, "--id-field", "id", "--overwrite", "--quiet", *extra]
     t0 = time.perf_counter()
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    peaks = ProcessPeaks(proc.pid)
     _, status, usage = os.wait4(proc.pid, 0)
+    per_process = peaks.stop()
     wall = time.perf_counter() - t0
     stderr = proc.stderr.read()
     if os.waitstatus_to_exitcode(status) != 0:
@@ -103,7 +167,7 @@ def run_job(inputs: list[Path], output: Path, model: str, extra: list[str], prof
             # The model's forwards (scoring, NCD, verification) run on the accelerator in production;
             # the rest of the wall time is the host path, one process here.
             "model_s": round(model_s, 1), "host_s": round(wall - model_s, 1),
-            "host_bytes_per_s": round(size / max(wall - model_s, 1e-9))}
+            "host_bytes_per_s": round(size / max(wall - model_s, 1e-9)), **per_process}
 
 
 def host_rate(small: dict, large: dict) -> dict:

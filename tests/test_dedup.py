@@ -130,15 +130,27 @@ def test_the_ncd_join_carries_a_checked_pair_not_the_sketches():
     the one the two sketches give, and NCD decides only where no other rule did."""
     import pickle
 
-    from lmc_audit.transforms.dedup.find_duplicates import JoinedPair, VerifyPair
+    from lmc_audit.transforms.dedup.find_duplicates import NCD_CHUNKS, NCD_USES, JoinedPair, VerifyPair
 
     opts = DedupOptions()
     long_text = " ".join(f"w{i} v{i % 97} u{i % 13}" for i in range(30_000))
     a, b = _sketch("a", long_text), _sketch("b", long_text[:len(long_text) * 6 // 10])
     assert len(a.shingles) > 100_000  # the sketch holds tens of thousands of n-gram hashes
     fn = JoinedPair(opts)
-    (pid, checked), *ncd_chunks = list(fn.process((a, b)))
-    assert len(ncd_chunks) == 3 and checked.verdict == dedup.verify(a, b, opts) and checked.verdict.rule
+    (pid, checked), *ncd = list(fn.process((a, b)))
+    assert checked.verdict == dedup.verify(a, b, opts) and checked.verdict.rule
+    # one piece to score, the pair's own x + y; C(x) and C(y) are scored once per document and sent here
+    (piece,) = [t.value for t in ncd if t.tag == NCD_CHUNKS]
+    assert piece.doc_id == f"{pid}:xy" and piece.data == a.ncd_text + b.ncd_text
+    assert sorted(t.value[1] for t in ncd if t.tag == NCD_USES) == [(pid, "x"), (pid, "y")]
+    # A document sends its own sample once, however many pairs it is in; a document in none, never.
+    from lmc_audit.transforms.dedup.find_duplicates import _route_sketch
+
+    many = list(_route_sketch((a.key, {"sketch": [a], "as_first": [b.key, (9, 9, "z")], "as_second": [b.key]}), True))
+    assert [t.value.data for t in many if getattr(t, "tag", None) == NCD_CHUNKS] == [a.ncd_text]
+    assert len([x for x in many if not hasattr(x, "tag")]) == 3  # the sketch to two pairs' seconds, and its own
+    alone = list(_route_sketch((a.key, {"sketch": [a], "as_first": [], "as_second": []}), True))
+    assert alone == []
     assert len(pickle.dumps(checked)) < 1_000 < len(pickle.dumps((a, b))) // 100
     distinct = _sketch("c", " ".join(f"z{i}" for i in range(5_000)))
     (pid2, unrelated), *_ = list(JoinedPair(opts).process((a, distinct)))

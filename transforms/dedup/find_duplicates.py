@@ -20,11 +20,20 @@ from lmc_audit.transforms.dedup.sketches import DedupOptions, DocSketch, Edge
 from lmc_audit.transforms.records import Chunk, ScoredChunk
 
 NCD_SHARD = "<ncd>"
-NCD_CHUNKS = "ncd_chunks"
+NCD_CHUNKS = "ncd_chunks"  # pieces NCD scores: each pair's x + y, each paired document's own sample
+NCD_USES = "ncd_uses"  # (document, (pair, role)): where a document's C(x) goes
 
 
 def _pair_id(a: dedup.DocKey, b: dedup.DocKey) -> str:
     return hashlib.sha1(repr((a, b)).encode()).hexdigest()
+
+
+def _doc_ref(key: dedup.DocKey) -> str:
+    return hashlib.sha1(repr(key).encode()).hexdigest()
+
+
+def _ncd_chunk(name: str, data: bytes) -> Chunk:
+    return Chunk(name, NCD_SHARD, -1, 0, 0, 0, data, hashlib.sha256(data).digest(), 0, 0, 0)
 
 
 class PairBuckets(beam.DoFn):
@@ -57,18 +66,25 @@ def _keyed_for_verification(sketch: DocSketch) -> tuple[dedup.DocKey, DocSketch]
     return sketch.key, dataclasses.replace(sketch, signature=b"")
 
 
-def _route_sketch(element) -> Iterator[tuple[dedup.DocKey, tuple[int, DocSketch]]]:
+def _route_sketch(element, ncd: bool = False):
     """A document's sketch, its pairs as first and as second in; the sketch out to where it is compared.
 
     Each pair meets at its second document: the first's sketch goes there once per pair, the second's
     own sketch once per document. One grouping then gives both halves of every pair, so the sketches
-    cross one join instead of two, and the pairs' copies go straight into that grouping."""
+    cross one join instead of two, and the pairs' copies go straight into that grouping. With ``ncd``,
+    a document in any pair also sends its NCD sample to be scored, once: C(x) is a document's own
+    number, the same in every pair it is in (only C(xy) is the pair's)."""
     key, grouped = element
     for sketch in grouped["sketch"]:  # exactly one
+        paired = False
         for second in grouped["as_first"]:
+            paired = True
             yield second, (_FIRST, sketch)
         if any(True for _ in grouped["as_second"]):
+            paired = True
             yield key, (_OWN, sketch)
+        if ncd and paired and sketch.ncd_text:
+            yield beam.pvalue.TaggedOutput(NCD_CHUNKS, _ncd_chunk(f"{_doc_ref(key)}:x", sketch.ncd_text))
 
 
 def _pair_at_second(element) -> Iterator[tuple[DocSketch, DocSketch]]:
@@ -95,7 +111,8 @@ class CheckedPair:
 
 
 class JoinedPair(beam.DoFn):
-    """A candidate pair, checked against every rule but NCD's, and the chunks whose bits give its NCD."""
+    """A candidate pair, checked against every rule but NCD's; for its NCD, the concatenation x + y to
+    score and where its documents' own C(x) and C(y) are to go (``NCD_USES``)."""
 
     def __init__(self, options: DedupOptions):
         self._options = options
@@ -108,14 +125,23 @@ class JoinedPair(beam.DoFn):
         yield pid, CheckedPair(a.key, b.key, (a.shard, a.normalized_hash), (b.shard, b.normalized_hash),
                                dedup.verify(a, b, self._options))
         if a.ncd_text and b.ncd_text:
-            for role, data in (("x", a.ncd_text), ("y", b.ncd_text), ("xy", a.ncd_text + b.ncd_text)):
-                yield beam.pvalue.TaggedOutput(NCD_CHUNKS, Chunk(
-                    f"{pid}:{role}", NCD_SHARD, -1, 0, 0, 0, data, hashlib.sha256(data).digest(), 0, 0, 0))
+            yield beam.pvalue.TaggedOutput(NCD_CHUNKS, _ncd_chunk(f"{pid}:xy", a.ncd_text + b.ncd_text))
+            yield beam.pvalue.TaggedOutput(NCD_USES, (_doc_ref(a.key), (pid, "x")))
+            yield beam.pvalue.TaggedOutput(NCD_USES, (_doc_ref(b.key), (pid, "y")))
 
 
-def _key_by_pair(s: ScoredChunk) -> tuple[str, tuple[str, float | None]]:
-    pid, role = s.chunk.doc_id.split(":")
-    return pid, (role, s.bits)
+def _key_by_owner(s: ScoredChunk) -> tuple[str, tuple[str, float | None]]:
+    """A scored NCD piece keyed by what it belongs to: a pair (``xy``) or a document (``x``)."""
+    owner, role = s.chunk.doc_id.split(":")
+    return owner, (role, s.bits)
+
+
+def _bits_to_pairs(element) -> Iterator[tuple[str, tuple[str, float | None]]]:
+    """A document's C(x) out to every pair it is in, as that pair's ``x`` or ``y``."""
+    _, grouped = element
+    bits = next((b for role, b in grouped["scored"] if role == "x"), None)
+    for pid, role in grouped["uses"]:
+        yield pid, (role, bits)
 
 
 class VerifyPair(beam.DoFn):
@@ -200,17 +226,25 @@ class FindDuplicates(beam.PTransform):
                    "as_first": pairs | "KeyByFirst" >> beam.Map(lambda p: (p[0], p[1])),
                    "as_second": pairs | "KeyBySecond" >> beam.Map(lambda p: (p[1], p[0]))}
                   | "JoinSketchAndPairs" >> beam.CoGroupByKey()
-                  | "RouteSketches" >> beam.FlatMap(_route_sketch)
-                  | "MeetSecond" >> beam.GroupByKey()
-                  | "PairSketches" >> beam.FlatMap(_pair_at_second)
-                  | "Jaccard" >> beam.ParDo(JoinedPair(o)).with_outputs(NCD_CHUNKS, main="pairs"))
+                  | "RouteSketches" >> beam.FlatMap(_route_sketch, self._score is not None).with_outputs(
+                      NCD_CHUNKS, main="routed"))
+        checked = (joined.routed
+                   | "MeetSecond" >> beam.GroupByKey()
+                   | "PairSketches" >> beam.FlatMap(_pair_at_second)
+                   | "Jaccard" >> beam.ParDo(JoinedPair(o)).with_outputs(NCD_CHUNKS, NCD_USES, main="pairs"))
         if self._score is not None:
-            scored = (joined.ncd_chunks
-                      | "ScoreConcatenations" >> self._score
-                      | "KeyByPair" >> beam.Map(_key_by_pair))
+            pieces = (joined.ncd_chunks, checked.ncd_chunks) | "NcdPieces" >> beam.Flatten()
+            pair_bits, doc_bits = (pieces
+                                   | "ScoreConcatenations" >> self._score
+                                   | "KeyByOwner" >> beam.Map(_key_by_owner)
+                                   | "PairsOrDocuments" >> beam.Partition(lambda kv, n: int(kv[1][0] == "x"), 2))
+            singles = ({"scored": doc_bits, "uses": checked.ncd_uses}
+                       | "JoinDocumentBits" >> beam.CoGroupByKey()
+                       | "BitsToPairs" >> beam.FlatMap(_bits_to_pairs))
+            scored = (pair_bits, singles) | "AllNcdBits" >> beam.Flatten()
         else:
             scored = sketches.pipeline | "NoNcd" >> beam.Create([])
-        near = ({"pair": joined.pairs, "scored": scored}
+        near = ({"pair": checked.pairs, "scored": scored}
                 | "JoinNcd" >> beam.CoGroupByKey()
                 | "Verify" >> beam.ParDo(VerifyPair(o)))
         edges = (exact, near) | "AllEdges" >> beam.Flatten()

@@ -31,7 +31,8 @@ Chain (README, "Duplicates"):
      NCD samples at most ``ncd_threshold``,
      ``NCD = (C(xy) - min(C(x), C(y))) / max(C(x), C(y))`` with C the bits
      under the model: x, y and xy are each scored as one chunk through
-     ``ScoreChunks``.
+     ``ScoreChunks``, a document's C(x) once (however many pairs it is in)
+     and C(xy) once per pair.
 
    The containment and line rules are guarded so that a short or boilerplate
    document cannot chain distinct documents into one cluster: both documents
