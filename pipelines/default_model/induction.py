@@ -288,12 +288,18 @@ def grow(model_dir: Path, stream: np.ndarray, *, scratch: int = 62, offsets=OFFS
     return new
 
 
+def added_heads(grown: dict) -> int:
+    """Heads ``grow`` added to every layer (the last ones of each): as many as the widest of the
+    previous-byte tuples (two) and the match heads (``grown``: training.json's ``grown`` record)."""
+    return max(2, len(str(grown.get("matches", "")).split(",")))
+
+
 def circuit_entries(model, grown: dict) -> dict[str, torch.Tensor]:
     """Per parameter name, a mask of the entries that are the circuit or keep the old weights off the
     scratch dimensions (``grown``: training.json's ``grown`` record): what ``train.py --freeze-circuit``
     holds at their built values, so that fine-tuning trains the old weights around the circuit."""
     cfg = model.config
-    extra = max(2, len(str(grown.get("matches", "")).split(",")))
+    extra = added_heads(grown)
     d0 = cfg.hidden_size - int(grown["scratch"])
     nd = cfg.head_dim
     old = (cfg.num_attention_heads - extra) * nd  # rows of the old heads in q/k/v, columns in o
@@ -352,7 +358,7 @@ def recalibrate(model, built: dict[str, float], grown: dict, stream: np.ndarray,
     now = circuit_scales(model, stream)
     cfg = model.config
     heads = len(str(grown["matches"]).split(","))
-    first = cfg.num_attention_heads - max(2, heads)
+    first = cfg.num_attention_heads - added_heads(grown)
     nd = cfg.head_dim
     f_score = now["rms_last"] / built["rms_last"]
     f_boost = now["rms_final_over_gain"] / built["rms_final_over_gain"] * alpha_scale

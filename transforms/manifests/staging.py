@@ -35,7 +35,8 @@ def new_staging_folder() -> str:
     return f"{STAGING}/{uuid.uuid4().hex}"
 
 
-def _folder(output: str, staging: str) -> tuple[fsspec.AbstractFileSystem, str]:
+def staging_folder(output: str, staging: str) -> tuple[fsspec.AbstractFileSystem, str]:
+    """The filesystem and path of a run's staging folder (resolve once per DoFn, in ``setup()``)."""
     fs, root = fsspec.core.url_to_fs(output)
     return fs, f"{root.rstrip('/')}/{staging}"
 
@@ -51,7 +52,7 @@ class StagePayloads(beam.DoFn):
         self._chunk_rows, self._k = chunk_rows, k
 
     def setup(self) -> None:
-        self._fs, self._folder = _folder(self._output, self._staging)
+        self._fs, self._folder = staging_folder(self._output, self._staging)
         self._fs.makedirs(self._folder, exist_ok=True)
         self._file = None
 
@@ -94,7 +95,13 @@ class StagePayloads(beam.DoFn):
 def staged_payloads(output: str, staging: str, refs: Iterable[tuple], batch_bytes: int) -> Iterator[tuple]:
     """``(key, (method, ref))`` in order in; ``(key, (method, recipe, payload))`` out in the same order,
     read back in batches of about ``batch_bytes`` of payloads."""
-    fs, folder = _folder(output, staging)
+    fs, folder = staging_folder(output, staging)
+    return read_staged(fs, folder, refs, batch_bytes)
+
+
+def read_staged(fs: fsspec.AbstractFileSystem, folder: str, refs: Iterable[tuple],
+                batch_bytes: int) -> Iterator[tuple]:
+    """``staged_payloads`` with the staging folder already resolved."""
     batch: list[tuple] = []
     size = 0
     for item in refs:
@@ -141,7 +148,7 @@ def _read_batch(fs, folder: str, batch: list[tuple]) -> Iterator[tuple]:
 
 def remove_staging(output: str, staging: str) -> None:
     """Removes the run's staging folder (every part that read from it is committed)."""
-    fs, folder = _folder(output, staging)
+    fs, folder = staging_folder(output, staging)
     if fs.exists(folder):
         fs.rm(folder, recursive=True)
     parent = folder.rsplit("/", 1)[0]

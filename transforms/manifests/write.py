@@ -39,7 +39,8 @@ from lmc_audit.transforms.manifests import schemas
 from lmc_audit.transforms.manifests.files import (EMPTY, ROW_GROUP_BYTES, SHARD_ROWS_PER_PART, list_files,
                                                   part_file_name, part_name, part_of, remove_file, shards_table_part,
                                                   shards_table_parts, write_rows)
-from lmc_audit.transforms.manifests.staging import StagePayloads, new_staging_folder, remove_staging, staged_payloads
+from lmc_audit.transforms.manifests.staging import (StagePayloads, new_staging_folder, read_staged, remove_staging,
+                                                    staging_folder)
 from lmc_audit.transforms.manifests.state import STATE_SKETCHES, sketch_row, write_commit_marker
 from lmc_audit.transforms.scoring import signals
 from lmc_audit.transforms.documents.document_facts import DocumentDescriber, DocumentFacts
@@ -281,6 +282,9 @@ class WriteChunkFiles(beam.DoFn):
     def __init__(self, output: str, staging: str):
         self._output, self._staging = output, staging
 
+    def setup(self) -> None:
+        self._staged = staging_folder(self._output, self._staging)
+
     def process(self, element) -> Iterator[tuple[int, tuple[int, str, None]]]:
         (index, part), grouped = element
         chunks = sorted(grouped["chunks"], key=lambda c: (c[0][_POSITION], c[0][_DOC_ID], c[0][_CHUNK_INDEX]))
@@ -300,8 +304,7 @@ class WriteChunkFiles(beam.DoFn):
 
         write_rows(self._output, "chunks", name, rows(), schemas.CHUNKS, as_tuples=True)
         if any(p is not None for _, p in chunks):
-            staged = staged_payloads(self._output, self._staging, ((c, p) for c, p in chunks if p is not None),
-                                     ROW_GROUP_BYTES)
+            staged = read_staged(*self._staged, ((c, p) for c, p in chunks if p is not None), ROW_GROUP_BYTES)
             write_rows(self._output, "payloads", name, (payload_row_of(c, p) for c, p in staged),
                        schemas.PAYLOADS, as_tuples=True, row_bytes=_payload_bytes)
         yield index, (part, shard, None)
