@@ -130,30 +130,23 @@ def test_the_ncd_join_carries_a_checked_pair_not_the_sketches():
     the one the two sketches give, and NCD decides only where no other rule did."""
     import pickle
 
-    from lmc_audit.transforms.dedup.find_duplicates import NCD_CHUNKS, NCD_USES, JoinedPair, VerifyPair
+    from lmc_audit.transforms.dedup.find_duplicates import (
+        NCD_USES, CheckPair, VerifyPair, _concatenation, _verification_part)
 
     opts = DedupOptions()
     long_text = " ".join(f"w{i} v{i % 97} u{i % 13}" for i in range(30_000))
     a, b = _sketch("a", long_text), _sketch("b", long_text[:len(long_text) * 6 // 10])
     assert len(a.shingles) > 100_000  # the sketch holds tens of thousands of n-gram hashes
-    fn = JoinedPair(opts)
-    (pid, checked), *ncd = list(fn.process((a, b)))
+    (pid, checked), = list(CheckPair(opts).process((_verification_part(a), _verification_part(b))))
     assert checked.verdict == dedup.verify(a, b, opts) and checked.verdict.rule
     # one piece to score, the pair's own x + y; C(x) and C(y) are scored once per document and sent here
-    (piece,) = [t.value for t in ncd if t.tag == NCD_CHUNKS]
+    piece, *uses = list(_concatenation(((a.key, a.ncd_text), (b.key, b.ncd_text))))
     assert piece.doc_id == f"{pid}:xy" and piece.data == a.ncd_text + b.ncd_text
-    assert sorted(t.value[1] for t in ncd if t.tag == NCD_USES) == [(pid, "x"), (pid, "y")]
-    # A document sends its own sample once, however many pairs it is in; a document in none, never.
-    from lmc_audit.transforms.dedup.find_duplicates import _route_sketch
-
-    many = list(_route_sketch((a.key, {"sketch": [a], "as_first": [b.key, (9, 9, "z")], "as_second": [b.key]}), True))
-    assert [t.value.data for t in many if getattr(t, "tag", None) == NCD_CHUNKS] == [a.ncd_text]
-    assert len([x for x in many if not hasattr(x, "tag")]) == 3  # the sketch to two pairs' seconds, and its own
-    alone = list(_route_sketch((a.key, {"sketch": [a], "as_first": [], "as_second": []}), True))
-    assert alone == []
+    assert sorted(t.value[1] for t in uses if t.tag == NCD_USES) == [(pid, "x"), (pid, "y")]
+    assert list(_concatenation(((a.key, a.ncd_text), (b.key, b"")))) == []  # no sample, no NCD
     assert len(pickle.dumps(checked)) < 1_000 < len(pickle.dumps((a, b))) // 100
     distinct = _sketch("c", " ".join(f"z{i}" for i in range(5_000)))
-    (pid2, unrelated), *_ = list(JoinedPair(opts).process((a, distinct)))
+    (pid2, unrelated), = list(CheckPair(opts).process((_verification_part(a), _verification_part(distinct))))
     assert unrelated.verdict.rule is None
     verify = VerifyPair(opts)
     close = [("x", 100.0), ("y", 100.0), ("xy", 110.0)]  # NCD 0.1
@@ -163,6 +156,38 @@ def test_the_ncd_join_carries_a_checked_pair_not_the_sketches():
     (edge,) = verify.process((pid, {"pair": [checked], "scored": far}))
     assert edge.rule == checked.verdict.rule and edge.ncd == pytest.approx(0.95)
     assert (edge.a, edge.b, edge.a_info) == (a.key, b.key, (a.shard, a.normalized_hash))
+
+
+def test_a_pair_moves_its_smaller_sketch_once_and_a_document_its_own_once():
+    """The pair join: of each pair, the smaller sketch's hashes travel (no NCD sample, no signature);
+    a receiving document sends its own once, whatever its number of pairs; the NCD samples travel apart;
+    a document's sample is sent to be scored once, and never for a document in no pair."""
+    from lmc_audit.transforms.dedup.find_duplicates import (
+        NCD_CHUNKS, NCD_TEXTS, _orient, _pairs_at_receiver, _route_sketch, _verification_part)
+
+    texts = _texts()
+    big, small = _sketch("big", texts[0] + texts[2]), _sketch("small", texts[1][:1_000])
+    assert dedup.verification_bytes(small) < dedup.verification_bytes(big)
+    sized = lambda s: (s.key, dedup.verification_bytes(s))  # noqa: E731
+    assert _orient((sized(big), sized(small))) == (small.key, big.key, False)
+    assert _orient((sized(small), sized(big))) == (small.key, big.key, True)
+    other = (9, 9, "z")
+    out = list(_route_sketch((small.key, {"sketch": [small], "as_sender": [(big.key, False), (other, True)],
+                                          "as_receiver": [(7, 7, "y")]}), True))
+    routed = [x for x in out if not hasattr(x, "tag")]
+    assert routed == [(big.key, (1, _verification_part(small), False)), (other, (1, _verification_part(small), True)),
+                      (small.key, (0, _verification_part(small), None))]
+    # the bytes that travel for verification are the n-gram and line hashes, nothing else
+    assert all(b"".join(x for x in part if isinstance(x, bytes)) == small.shingles + small.lines
+               for _, (_, part, _) in routed)
+    assert len([x for x in out if getattr(x, "tag", None) == NCD_TEXTS]) == 3
+    assert [x.value.data for x in out if getattr(x, "tag", None) == NCD_CHUNKS] == [small.ncd_text]
+    assert list(_route_sketch((small.key, {"sketch": [small], "as_sender": [], "as_receiver": []}), True)) == []
+    # At the receiver the pair is put back in its own order: (first, second).
+    meeting = (big.key, [(1, _verification_part(small), False), (0, _verification_part(big), None)])
+    assert list(_pairs_at_receiver(meeting)) == [(_verification_part(big), _verification_part(small))]
+    with pytest.raises(ValueError, match="sent nothing of its own"):
+        list(_pairs_at_receiver((big.key, [(1, _verification_part(small), True)])))
 
 
 def test_ncd_compares_lines_drawn_from_the_whole_text_so_a_shuffled_copy_gives_the_same_sample():

@@ -20,7 +20,8 @@ from lmc_audit.transforms.dedup.sketches import DedupOptions, DocSketch, Edge
 from lmc_audit.transforms.records import Chunk, ScoredChunk
 
 NCD_SHARD = "<ncd>"
-NCD_CHUNKS = "ncd_chunks"  # pieces NCD scores: each pair's x + y, each paired document's own sample
+NCD_CHUNKS = "ncd_chunks"  # each paired document's own sample, for NCD to score
+NCD_TEXTS = "ncd_texts"  # NCD samples on their way to where a pair meets
 NCD_USES = "ncd_uses"  # (document, (pair, role)): where a document's C(x) goes
 
 
@@ -41,8 +42,8 @@ class PairBuckets(beam.DoFn):
         self._max_bucket, self._centers = max_bucket, centers
         self._capped = Metrics.counter(NAMESPACE, "dedup_capped_buckets")
 
-    def process(self, element) -> Iterator[tuple[dedup.DocKey, dedup.DocKey]]:
-        _, members = element
+    def process(self, element) -> Iterator[tuple[dedup.SizedKey, dedup.SizedKey]]:
+        _, members = element  # (document, verification bytes)
         size = 0
 
         def counted():
@@ -57,44 +58,70 @@ class PairBuckets(beam.DoFn):
         yield from pairs
 
 
-_OWN, _FIRST = 0, 1  # what a document's group in ``MeetSecond`` holds: its own sketch, or a pair's first sketch
+_OWN, _SENT = 0, 1  # what a document's group at a meeting holds: its own part, or one its pair sent
+
+# What verification compares, as a plain tuple (Beam's coder writes it without pickling a class):
+# (key, shard, bytes, normalized hash, n-gram hashes, line hashes).
+VerificationPart = tuple[dedup.DocKey, str, int, str, bytes, bytes]
 
 
 def _keyed_for_verification(sketch: DocSketch) -> tuple[dedup.DocKey, DocSketch]:
-    """A sketch keyed by its document, without its MinHash signature: the signature only makes band
-    keys, and the pair join copies a sketch once per pair it is first in."""
+    """A sketch keyed by its document, without its MinHash signature: the signature only makes band keys."""
     return sketch.key, dataclasses.replace(sketch, signature=b"")
 
 
-def _route_sketch(element, ncd: bool = False):
-    """A document's sketch, its pairs as first and as second in; the sketch out to where it is compared.
+def _verification_part(s: DocSketch) -> VerificationPart:
+    return s.key, s.shard, s.bytes, s.normalized_hash, s.shingles, s.lines
 
-    Each pair meets at its second document: the first's sketch goes there once per pair, the second's
-    own sketch once per document. One grouping then gives both halves of every pair, so the sketches
-    cross one join instead of two, and the pairs' copies go straight into that grouping. With ``ncd``,
-    a document in any pair also sends its NCD sample to be scored, once: C(x) is a document's own
-    number, the same in every pair it is in (only C(xy) is the pair's)."""
+
+def _from_verification_part(part: VerificationPart) -> DocSketch:
+    key, shard, size, normalized, shingles, lines = part
+    return DocSketch(key, shard, size, normalized, shingles, b"", b"", lines)
+
+
+def _orient(pair: tuple[dedup.SizedKey, dedup.SizedKey]) -> tuple[dedup.DocKey, dedup.DocKey, bool]:
+    """(sender, receiver, whether the sender is the pair's first): the smaller sketch travels."""
+    (a, a_size), (b, b_size) = pair
+    return (a, b, True) if a_size <= b_size else (b, a, False)
+
+
+def _route_sketch(element, ncd: bool = False):
+    """A document's sketch, the pairs it sends to and receives in; its parts out to where they meet.
+
+    Each pair meets at its receiver, the document with the larger sketch: the sender's verification
+    part goes there once per pair, the receiver's own once per document, so one grouping gives both
+    halves of every pair and the bytes that cross it are, per pair, the smaller sketch's. With
+    ``ncd``, the NCD samples take the same routes in a grouping of their own (``NCD_TEXTS``), which
+    the verification step never holds; and a document in any pair sends its sample to be scored
+    once (``NCD_CHUNKS``): C(x) is a document's own number, the same in every pair it is in (only
+    C(xy) is the pair's)."""
     key, grouped = element
     for sketch in grouped["sketch"]:  # exactly one
+        part, text = _verification_part(sketch), (key, sketch.ncd_text)
         paired = False
-        for second in grouped["as_first"]:
+        for receiver, sender_is_first in grouped["as_sender"]:
             paired = True
-            yield second, (_FIRST, sketch)
-        if any(True for _ in grouped["as_second"]):
+            yield receiver, (_SENT, part, sender_is_first)
+            if ncd:
+                yield beam.pvalue.TaggedOutput(NCD_TEXTS, (receiver, (_SENT, text, sender_is_first)))
+        if any(True for _ in grouped["as_receiver"]):
             paired = True
-            yield key, (_OWN, sketch)
+            yield key, (_OWN, part, None)
+            if ncd:
+                yield beam.pvalue.TaggedOutput(NCD_TEXTS, (key, (_OWN, text, None)))
         if ncd and paired and sketch.ncd_text:
             yield beam.pvalue.TaggedOutput(NCD_CHUNKS, _ncd_chunk(f"{_doc_ref(key)}:x", sketch.ncd_text))
 
 
-def _pair_at_second(element) -> Iterator[tuple[DocSketch, DocSketch]]:
+def _pairs_at_receiver(element):
+    """The pairs that meet at one document, each as (first's part, second's part) in the pair's order."""
     _, routed = element
-    own = next((s for tag, s in routed if tag == _OWN), None)
+    own = next((part for tag, part, _ in routed if tag == _OWN), None)
     if own is None:
-        raise ValueError("a candidate pair's second document has no sketch")
-    for tag, first in routed:
-        if tag == _FIRST:
-            yield first, own
+        raise ValueError("a candidate pair's receiving document sent nothing of its own")
+    for tag, sent, sender_is_first in routed:
+        if tag == _SENT:
+            yield (sent, own) if sender_is_first else (own, sent)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -110,24 +137,29 @@ class CheckedPair:
     verdict: dedup.Verdict  # every rule but NCD's
 
 
-class JoinedPair(beam.DoFn):
-    """A candidate pair, checked against every rule but NCD's; for its NCD, the concatenation x + y to
-    score and where its documents' own C(x) and C(y) are to go (``NCD_USES``)."""
+class CheckPair(beam.DoFn):
+    """A candidate pair's two verification parts in; the pair, checked against every rule but NCD's, out."""
 
     def __init__(self, options: DedupOptions):
         self._options = options
         self._pairs = Metrics.counter(NAMESPACE, "dedup_candidate_pairs")
 
-    def process(self, pair: tuple[DocSketch, DocSketch]):
-        a, b = pair
+    def process(self, parts: tuple[VerificationPart, VerificationPart]) -> Iterator[tuple[str, CheckedPair]]:
+        a, b = (_from_verification_part(p) for p in parts)
         self._pairs.inc()
-        pid = _pair_id(a.key, b.key)
-        yield pid, CheckedPair(a.key, b.key, (a.shard, a.normalized_hash), (b.shard, b.normalized_hash),
-                               dedup.verify(a, b, self._options))
-        if a.ncd_text and b.ncd_text:
-            yield beam.pvalue.TaggedOutput(NCD_CHUNKS, _ncd_chunk(f"{pid}:xy", a.ncd_text + b.ncd_text))
-            yield beam.pvalue.TaggedOutput(NCD_USES, (_doc_ref(a.key), (pid, "x")))
-            yield beam.pvalue.TaggedOutput(NCD_USES, (_doc_ref(b.key), (pid, "y")))
+        yield _pair_id(a.key, b.key), CheckedPair(a.key, b.key, (a.shard, a.normalized_hash),
+                                                  (b.shard, b.normalized_hash), dedup.verify(a, b, self._options))
+
+
+def _concatenation(texts: tuple[tuple[dedup.DocKey, bytes], tuple[dedup.DocKey, bytes]]):
+    """A pair's NCD samples in; x + y to score, and where its documents' own C(x) and C(y) are to go
+    (``NCD_USES``), out. A pair with an empty sample has no NCD."""
+    (a, x), (b, y) = texts
+    if x and y:
+        pid = _pair_id(a, b)
+        yield _ncd_chunk(f"{pid}:xy", x + y)
+        yield beam.pvalue.TaggedOutput(NCD_USES, (_doc_ref(a), (pid, "x")))
+        yield beam.pvalue.TaggedOutput(NCD_USES, (_doc_ref(b), (pid, "y")))
 
 
 def _key_by_owner(s: ScoredChunk) -> tuple[str, tuple[str, float | None]]:
@@ -222,29 +254,34 @@ class FindDuplicates(beam.PTransform):
                  | "BucketPairs" >> beam.ParDo(PairBuckets(o.max_bucket, o.bucket_centers))
                  | "UniquePairs" >> beam.Distinct())
         keyed = sketches | "KeyByDoc" >> beam.Map(_keyed_for_verification)
+        oriented = pairs | "SmallerSketchTravels" >> beam.Map(_orient)
         joined = ({"sketch": keyed,
-                   "as_first": pairs | "KeyByFirst" >> beam.Map(lambda p: (p[0], p[1])),
-                   "as_second": pairs | "KeyBySecond" >> beam.Map(lambda p: (p[1], p[0]))}
+                   "as_sender": oriented | "KeyBySender" >> beam.Map(lambda o: (o[0], (o[1], o[2]))),
+                   "as_receiver": oriented | "KeyByReceiver" >> beam.Map(lambda o: (o[1], o[0]))}
                   | "JoinSketchAndPairs" >> beam.CoGroupByKey()
                   | "RouteSketches" >> beam.FlatMap(_route_sketch, self._score is not None).with_outputs(
-                      NCD_CHUNKS, main="routed"))
+                      NCD_CHUNKS, NCD_TEXTS, main="routed"))
         checked = (joined.routed
-                   | "MeetSecond" >> beam.GroupByKey()
-                   | "PairSketches" >> beam.FlatMap(_pair_at_second)
-                   | "Jaccard" >> beam.ParDo(JoinedPair(o)).with_outputs(NCD_CHUNKS, NCD_USES, main="pairs"))
+                   | "MeetAtReceiver" >> beam.GroupByKey()
+                   | "PairParts" >> beam.FlatMap(_pairs_at_receiver)
+                   | "Jaccard" >> beam.ParDo(CheckPair(o)))
         if self._score is not None:
-            pieces = (joined.ncd_chunks, checked.ncd_chunks) | "NcdPieces" >> beam.Flatten()
+            concatenations = (joined.ncd_texts
+                              | "MeetTextsAtReceiver" >> beam.GroupByKey()
+                              | "PairTexts" >> beam.FlatMap(_pairs_at_receiver)
+                              | "Concatenate" >> beam.FlatMap(_concatenation).with_outputs(NCD_USES, main="xy"))
+            pieces = (joined.ncd_chunks, concatenations.xy) | "NcdPieces" >> beam.Flatten()
             pair_bits, doc_bits = (pieces
                                    | "ScoreConcatenations" >> self._score
                                    | "KeyByOwner" >> beam.Map(_key_by_owner)
                                    | "PairsOrDocuments" >> beam.Partition(lambda kv, n: int(kv[1][0] == "x"), 2))
-            singles = ({"scored": doc_bits, "uses": checked.ncd_uses}
+            singles = ({"scored": doc_bits, "uses": concatenations[NCD_USES]}
                        | "JoinDocumentBits" >> beam.CoGroupByKey()
                        | "BitsToPairs" >> beam.FlatMap(_bits_to_pairs))
             scored = (pair_bits, singles) | "AllNcdBits" >> beam.Flatten()
         else:
             scored = sketches.pipeline | "NoNcd" >> beam.Create([])
-        near = ({"pair": checked.pairs, "scored": scored}
+        near = ({"pair": checked, "scored": scored}
                 | "JoinNcd" >> beam.CoGroupByKey()
                 | "Verify" >> beam.ParDo(VerifyPair(o)))
         edges = (exact, near) | "AllEdges" >> beam.Flatten()

@@ -17,7 +17,9 @@ Chain (README, "Duplicates"):
    either way linear, not n^2: ``star_pairs``); a bucket above ``max_bucket``
    members pairs only its first ``max_bucket`` and is counted
    (``dedup_capped_buckets``). Pairs of equal normalized text are left to step 2.
-4. Candidate pairs are joined to both sketches (two CoGroupByKeys) and
+4. Candidate pairs meet their sketches in one CoGroupByKey and one GroupByKey:
+   of each pair, the smaller sketch (n-gram and line hashes only,
+   ``verification_bytes``) travels to the other document, where the pair is
    verified (``verify``) by the first rule that holds:
 
    - ``jaccard``: n-gram Jaccard at least ``jaccard_threshold``;
@@ -64,6 +66,7 @@ import sys
 import unicodedata
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
+from typing import TypeVar
 
 import numpy as np
 
@@ -402,13 +405,19 @@ def band_keys(key: DocKey, signature: bytes, options: DedupOptions,
         yield b"L" + int(line).to_bytes(4, "big"), key
 
 
-# (document, shard, MinHash signature or b"" without n-grams, line hashes)
-ExactMember = tuple[DocKey, str, bytes, bytes]
+# (document, shard, MinHash signature or b"" without n-grams, line hashes, bytes its verification needs)
+ExactMember = tuple[DocKey, str, bytes, bytes, int]
+
+
+def verification_bytes(sketch: DocSketch) -> int:
+    """Bytes of what a pair's verification compares (n-gram and line hashes): the pair join moves the
+    smaller of its two documents' (``FindDuplicates``)."""
+    return len(sketch.shingles) + len(sketch.lines)
 
 
 def exact_member(sketch: DocSketch) -> tuple[str, ExactMember]:
     return sketch.normalized_hash, (sketch.key, sketch.shard, sketch.signature if sketch.shingles else b"",
-                                    sketch.lines)
+                                    sketch.lines, verification_bytes(sketch))
 
 
 def _first(members: Iterable[ExactMember]) -> ExactMember:
@@ -423,21 +432,29 @@ def exact_edges(element: tuple[str, Iterable[ExactMember]]) -> Iterator[Edge]:
     (a grouped value is re-iterable in Beam). The texts are equal: no Jaccard or NCD is needed."""
     text_hash, members = element
     first = _first(members)
-    for key, shard, _, _ in members:
+    for key, shard, *_ in members:
         if key != first[0]:
             yield Edge(first[0], key, 1.0, None, (first[1], text_hash), (shard, text_hash), 1.0, None, None, "exact")
 
 
+SizedKey = tuple[DocKey, int]  # a document and its ``verification_bytes``
+
+
 def representative_band_keys(element: tuple[str, Iterable[ExactMember]],
-                             options: DedupOptions) -> Iterator[tuple[bytes, DocKey]]:
+                             options: DedupOptions) -> Iterator[tuple[bytes, SizedKey]]:
     """Band keys of each distinct text's first document only: copies of one text join their cluster
-    through exact edges, so they never crowd the near-duplicate buckets."""
+    through exact edges, so they never crowd the near-duplicate buckets. The document goes into its
+    buckets with its verification size, so that a pair knows which of its sketches is the smaller."""
     _, members = element
-    key, _, signature, lines = _first(members)
-    yield from band_keys(key, signature, options, lines)
+    key, _, signature, lines, size = _first(members)
+    for band, _ in band_keys(key, signature, options, lines):
+        yield band, (key, size)
 
 
-def star_pairs(members: Iterable[DocKey], max_bucket: int, centers: int = 1) -> Iterator[tuple[DocKey, DocKey]]:
+Member = TypeVar("Member", DocKey, SizedKey)  # sorts in input order: a DocKey first
+
+
+def star_pairs(members: Iterable[Member], max_bucket: int, centers: int = 1) -> Iterator[tuple[Member, Member]]:
     """Each member paired with each of the bucket's first ``centers`` members in input order that come
     before it; of a bucket larger than ``max_bucket``, the first ``max_bucket`` members. At most
     ``centers`` pairs per member, and ``max_bucket`` keys held, whatever the bucket.
