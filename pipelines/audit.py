@@ -383,8 +383,9 @@ def _fields_of(shard, args) -> str:
 
 
 # Raised when rows or incremental state change meaning for the same bytes and options (2: NCD samples in
-# sketches; 3: JSONL positions as byte offsets), so that shards committed before are audited again.
-ROWS_FORMAT = 3
+# sketches; 3: JSONL positions as byte offsets; 4: NCD samples' lines picked by their smallest bigram hash),
+# so that shards committed before are audited again.
+ROWS_FORMAT = 4
 RESULT_OPTIONS = ("format", "text_field", "id_field", "split_bytes", "chunk_bytes", "dtype",
                   "length_granularity", "coding", "precision", "coding_scheme", "coding_rows", "coding_block", "min_k",
                   "reference_model", "flag_bpb_below", "flag_zlib_ratio_below", "flag_min_k_above",

@@ -206,6 +206,37 @@ def test_ncd_compares_lines_drawn_from_the_whole_text_so_a_shuffled_copy_gives_t
     assert len(shared) >= len(cut) // 2 and shared == [line for line in whole if line in shared]
 
 
+def test_an_edited_copy_samples_mostly_the_lines_its_original_samples():
+    """NCD's lines are picked by their smallest word-bigram hash (``line_key``), which most word edits
+    leave alone: a copy with 5% of its words edited keeps most of its original's sample. Picked by the
+    hash of the whole line, as before, a line drops out of the sample at its first edit."""
+    import difflib
+    import unicodedata
+
+    opts = DedupOptions()
+
+    def picked_by_whole_line(text: str) -> bytes:
+        sample = dedup.LineSample(opts.ncd_bytes)
+        for words in (line.split() for line in unicodedata.normalize("NFKC", text).casefold().split("\n")):
+            if len(words) >= opts.min_line_words:
+                sample.offer(dedup.line_hash(words), " ".join(words).encode())
+        return sample.text(text.encode())
+
+    def shared(x: bytes, y: bytes) -> float:  # y's bytes in runs of 16 or more that x also has
+        blocks = difflib.SequenceMatcher(None, x, y, autojunk=False).get_matching_blocks()
+        return sum(b.size for b in blocks if b.size >= 16) / len(y)
+
+    rng = random.Random(1)
+    ours, whole_line = [], []
+    for f in sorted(Path(bundled_sample_dir()).glob("*.txt"))[:8]:
+        text = f.read_text()[:6000]
+        copy = _edit_words(text, len(text.split(" ")) // 20, rng)
+        ours.append(shared(_sketch("a", text).ncd_text, _sketch("b", copy).ncd_text))
+        whole_line.append(shared(picked_by_whole_line(text), picked_by_whole_line(copy)))
+    assert all(o >= w for o, w in zip(ours, whole_line))
+    assert np.mean(ours) > 0.65 and np.mean(ours) > np.mean(whole_line) + 0.15
+
+
 def test_datatrove_normalization_ignores_punctuation_and_numbers():
     plain, simple = DedupOptions(), DedupOptions(normalize=("numbers", "punctuation"))
     a = "Version 3.11, released 2022-10-24: faster (much faster!) than 3.10; see the notes. " * 8

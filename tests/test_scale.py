@@ -49,11 +49,11 @@ def test_facts_from_pieces_equal_facts_of_the_whole_text(text, normalize):
         assert facts.content_hash == content and facts.bytes == len(data)
         assert facts.sketch.ncd_text == whole.ncd_text
     lines = [" ".join(dedup.simplify(line, normalize).split()) for line in whole.ncd_text.decode().split("\n")]
-    if len(whole.lines) // 4 > 100:  # sampled lines, each a line of the text, smallest hashes first
+    if len(whole.lines) // 4 > 100:  # sampled lines, each a line of the text, smallest keys first
         assert len(whole.ncd_text) > opts.ncd_bytes // 2 and whole.ncd_text != data[:opts.ncd_bytes]
         assert all(line in " ".join(dedup.simplify(text.casefold(), normalize).split()) for line in lines)
-        hashes = [dedup.line_hash(line.split()) for line in lines[:-1]]  # the last one may be cut
-        assert hashes == sorted(hashes)
+        keys = [dedup.line_key(line.split()) for line in lines[:-1]]  # the last one may be cut
+        assert keys == sorted(keys)
     else:  # too few lines of min_line_words: the first ncd_bytes
         assert whole.ncd_text == data[:opts.ncd_bytes]
 

@@ -31,6 +31,7 @@ from __future__ import annotations
 import codecs
 import hashlib
 import unicodedata
+import zlib
 from dataclasses import dataclass
 
 import numpy as np
@@ -83,6 +84,8 @@ class DocumentDescriber:
         self._line = hashlib.sha1()
         self._line_words = 0
         self._line_text = b""  # the current line's first SAMPLE_LINE_BYTES, for the NCD sample
+        self._line_key: int | None = None  # the smallest bigram hash of the current line so far
+        self._line_last: str | None = None  # its last word, for the bigram across the next piece
         self._line_hashes: list[int] = []
         self._lines = np.zeros(0, np.uint32)
         self._sample = dedup.LineSample(dedup_options.ncd_bytes) if dedup_options else None
@@ -185,15 +188,22 @@ class DocumentDescriber:
             if len(self._line_text) < cap:
                 self._line_text = (self._line_text + sep + joined[:cap])[:cap]
             self._line_words += len(words)
+            key = dedup.bigram_key(words if self._line_last is None else [self._line_last, *words])
+            if key is not None and (self._line_key is None or key < self._line_key):
+                self._line_key = key
+            self._line_last = words[-1]
 
     def _end_line(self) -> None:
         if self._line_words >= self._options.min_line_words:
             line_hash = int.from_bytes(self._line.digest()[:4], "little")
             self._line_hashes.append(line_hash)
-            self._sample.offer(line_hash, self._line_text)
+            # dedup.line_key, streamed: a one-word line has no bigram
+            key = self._line_key if self._line_key is not None else zlib.crc32(self._line_last.encode())
+            self._sample.offer(key, self._line_text)
             if len(self._line_hashes) >= dedup.LINE_CAP:
                 self._merge_lines()
         self._line, self._line_words, self._line_text = hashlib.sha1(), 0, b""
+        self._line_key = self._line_last = None
 
     def _merge_lines(self) -> None:
         if self._line_hashes:
