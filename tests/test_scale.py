@@ -58,6 +58,24 @@ def test_facts_from_pieces_equal_facts_of_the_whole_text(text, normalize):
         assert whole.ncd_text == data[:opts.ncd_bytes]
 
 
+def test_lines_of_one_word_are_sampled_alike_streamed_or_whole():
+    """With ``min_line_words`` 1, lines of one word (no bigram) count too, keyed by the word: the streamed
+    sample equals the whole text's, however the text is cut."""
+    opts = dedup.DedupOptions(min_line_words=1)
+    hasher = dedup.MinHasher(opts.num_perm, opts.seed)
+    text = "\n".join(f"word{i}" if i % 3 else f"a line of several words number {i}" for i in range(300))
+    data = text.encode()
+    whole = dedup.make_sketch((0, 0, "d"), "s", data, opts, hasher)
+    assert b"\nword" in whole.ncd_text or whole.ncd_text.startswith(b"word")  # one-word lines were sampled
+    rng = random.Random(3)
+    for _ in range(3):
+        describer = DocumentDescriber((0, 0, "d"), "s", 16, opts, hasher)
+        cuts = sorted(rng.sample(range(len(data) + 1), 60))
+        for a, b in zip([0, *cuts], [*cuts, len(data)]):
+            describer.update(data[a:b])
+        assert describer.finish().sketch.ncd_text == whole.ncd_text
+
+
 def test_a_large_document_is_described_in_memory_bounded_by_its_pieces():
     """32 MiB of text in 1 MiB pieces: the describer's own memory stays near one piece, and its sketch
     keeps SHINGLE_CAP hashes."""

@@ -31,7 +31,6 @@ from __future__ import annotations
 import codecs
 import hashlib
 import unicodedata
-import zlib
 from dataclasses import dataclass
 
 import numpy as np
@@ -197,8 +196,8 @@ class DocumentDescriber:
         if self._line_words >= self._options.min_line_words:
             line_hash = int.from_bytes(self._line.digest()[:4], "little")
             self._line_hashes.append(line_hash)
-            # dedup.line_key, streamed: a one-word line has no bigram
-            key = self._line_key if self._line_key is not None else zlib.crc32(self._line_last.encode())
+            # dedup.line_key, streamed (a one-word line has no bigram: its word's key)
+            key = self._line_key if self._line_key is not None else dedup.line_key([self._line_last])
             self._sample.offer(key, self._line_text)
             if len(self._line_hashes) >= dedup.LINE_CAP:
                 self._merge_lines()
