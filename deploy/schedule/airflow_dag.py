@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import pendulum
 from airflow import DAG
-from airflow.models import Variable
 from airflow.providers.google.cloud.operators.dataflow import DataflowStartFlexTemplateOperator
 
 with DAG("lmc_audit_nightly", schedule="0 3 * * *", start_date=pendulum.datetime(2026, 1, 1, tz="UTC"),
