@@ -288,10 +288,15 @@ def grow(model_dir: Path, stream: np.ndarray, *, scratch: int = 62, offsets=OFFS
     return new
 
 
+def match_heads(grown: dict) -> int:
+    """Match heads ``grow`` added to the last layer (``grown``: training.json's ``grown`` record)."""
+    return len(str(grown.get("matches", "")).split(","))
+
+
 def added_heads(grown: dict) -> int:
     """Heads ``grow`` added to every layer (the last ones of each): as many as the widest of the
-    previous-byte tuples (two) and the match heads (``grown``: training.json's ``grown`` record)."""
-    return max(2, len(str(grown.get("matches", "")).split(",")))
+    previous-byte tuples (two) and the match heads."""
+    return max(2, match_heads(grown))
 
 
 def circuit_entries(model, grown: dict) -> dict[str, torch.Tensor]:
@@ -357,14 +362,13 @@ def recalibrate(model, built: dict[str, float], grown: dict, stream: np.ndarray,
     grown, on the same stream."""
     now = circuit_scales(model, stream)
     cfg = model.config
-    heads = len(str(grown["matches"]).split(","))
     first = cfg.num_attention_heads - added_heads(grown)
     nd = cfg.head_dim
     f_score = now["rms_last"] / built["rms_last"]
     f_boost = now["rms_final_over_gain"] / built["rms_final_over_gain"] * alpha_scale
     att = model.model.layers[-1].self_attn
     with torch.no_grad():
-        for j in range(heads):
+        for j in range(match_heads(grown)):
             rows = slice((first + j) * nd, (first + j + 1) * nd)
             for proj in (att.q_proj, att.k_proj):
                 proj.weight[rows] *= f_score
