@@ -37,7 +37,7 @@ from lmc_audit.transforms.options import PART_BYTES, AuditOptions, ModelOptions,
 from lmc_audit.transforms.scoring.model_handler import CodingOptions
 from lmc_audit.transforms.scoring.model_loading import (BUNDLED, model_fingerprint, resolve_model_dir,
                                                 validate_model_spec)
-from lmc_audit.transforms.progress import NAMESPACE
+from lmc_audit.transforms.progress import NAMESPACE, Progress
 from lmc_audit.transforms.reading.read_corpus import DEAD_LETTER, FACTS, ReadCorpus
 from lmc_audit.transforms.scoring.score_chunks import ScoreChunks
 from lmc_audit.transforms.scoring.signals import SignalOptions
@@ -429,6 +429,7 @@ def run(argv: list[str] | None = None, test_pipeline: beam.Pipeline | None = Non
     check_beam_flags(parser, beam_args)
     validate(args)
     started = time.time()
+    Progress.reset()  # DirectRunner's workers count in this process
     # A job that runs here codes on this machine: numba's kernels compile on an idle core meanwhile.
     warmer = range_coder.warm_in_background() if args.coding and runs_here(beam_args) else None
     shards, listing_errors = list_shards(args.input, args.format)

@@ -283,11 +283,13 @@ def _edit_words(text: str, n: int, rng: random.Random) -> str:
 
 @functools.cache
 def _bundled_model():
+    import torch
     from transformers import AutoModelForCausalLM
 
     from lmc_audit.transforms.scoring.model_loading import resolve_model_dir
 
-    return AutoModelForCausalLM.from_pretrained(resolve_model_dir("bundled")).eval()
+    # stored in bfloat16, computed in float32 as the pipeline does
+    return AutoModelForCausalLM.from_pretrained(resolve_model_dir("bundled"), dtype=torch.float32).eval()
 
 
 def _bundled_bits(data: bytes) -> float:
@@ -357,6 +359,9 @@ def test_pipeline_finds_planted_duplicates_and_keeps_unrelated_apart(planted):
         assert x != docs[orig].encode()[:opts.ncd_bytes]  # lines drawn from the whole text, not its start
         cx, cy, cxy = _bundled_bits(x), _bundled_bits(y), _bundled_bits(x + y)
         assert rows[copy]["ncd"] == pytest.approx((cxy - min(cx, cy)) / max(cx, cy), rel=1e-4)
+    # The bundled model copies from its context: a copy's NCD is far below 1 (about 1 for a model that
+    # cannot copy, as the bundled model up to 0.2.0), edited, cut and shuffled copies alike.
+    assert all(rows[copy]["ncd"] < 0.3 for copy in ("edit1", "prefix3", "shuffled4")), rows
     shards = {Path(s["shard"]).name: s for s in ds.dataset(out / "shards", format="parquet").to_table().to_pylist()}
     assert (shards["b.jsonl"]["exact_duplicates"], shards["b.jsonl"]["near_duplicates"]) == (2, 3)
     assert shards["b.jsonl"]["near_duplicate_rate"] == pytest.approx(3 / 5)

@@ -1,8 +1,10 @@
-"""The copying circuit built into the bundled model (pipelines/default_model/induction.py)."""
+"""The copying circuit (pipelines/default_model/induction.py), grown from the base model the bundled one
+was built from, and the bundled model's own copying."""
 
 from __future__ import annotations
 
 import copy
+import json
 import math
 from pathlib import Path
 
@@ -13,9 +15,13 @@ import torch
 from lmc_audit.pipelines.default_model.induction import (_aging_rotation, _phase_codes, grow,
                                                           positional_biases)
 from lmc_audit.pipelines.default_model.train import BOS_ID
-from lmc_audit.transforms.scoring.model_loading import bundled_model_dir
+ASSETS = Path(__file__).resolve().parents[1] / "pipelines" / "assets"
+SAMPLE = ASSETS / "sample"
+BASE_MODEL = ASSETS / "base_model"  # in the repository only: the package installs the bundled model
 
-SAMPLE = Path(__file__).resolve().parents[1] / "pipelines" / "assets" / "sample"
+
+def base_model_dir() -> str:
+    return str(BASE_MODEL)
 
 
 def _sample_stream() -> np.ndarray:
@@ -32,7 +38,7 @@ def _bits(model, rows: torch.Tensor) -> torch.Tensor:
 
 @pytest.fixture(scope="module")
 def grown():
-    return grow(Path(bundled_model_dir()), _sample_stream())
+    return grow(BASE_MODEL, _sample_stream())
 
 
 def test_positional_biases_single_out_one_offset():
@@ -61,7 +67,7 @@ def test_codes_never_match_themselves_at_another_age():
 def test_grown_model_keeps_the_old_predictions_when_its_new_heads_are_silent(grown):
     from transformers import LlamaForCausalLM
 
-    old = LlamaForCausalLM.from_pretrained(bundled_model_dir(), dtype=torch.float32).eval()
+    old = LlamaForCausalLM.from_pretrained(base_model_dir(), dtype=torch.float32).eval()
     silent = copy.deepcopy(grown)
     h0, nd = old.config.num_attention_heads, silent.config.head_dim
     with torch.no_grad():
@@ -74,10 +80,10 @@ def test_grown_model_keeps_the_old_predictions_when_its_new_heads_are_silent(gro
     assert abs(a - b) / a < 0.01, (a, b)
 
 
-def test_grown_model_copies_a_repeated_text_that_the_bundled_model_does_not(grown):
+def test_grown_model_copies_a_repeated_text_that_the_base_model_does_not(grown):
     from transformers import LlamaForCausalLM
 
-    old = LlamaForCausalLM.from_pretrained(bundled_model_dir(), dtype=torch.float32).eval()
+    old = LlamaForCausalLM.from_pretrained(base_model_dir(), dtype=torch.float32).eval()
     x = (SAMPLE / "library__code.txt").read_bytes()[:800]
     once = torch.tensor([[BOS_ID, *x]])
     twice = torch.tensor([[BOS_ID, *(x + x)]])
@@ -93,7 +99,7 @@ def test_grown_model_copies_a_repeated_text_that_the_bundled_model_does_not(grow
 
 def test_freezing_the_circuit_holds_exactly_what_was_built(grown):
     """``circuit_entries`` masks the circuit and the old weights' scratch entries, and nothing of the old
-    model: with every masked entry zeroed the grown model predicts as the bundled model does. Held
+    model: with every masked entry zeroed the grown model predicts as the base model does. Held
     through an optimizer step (``train.py --freeze-circuit``), masked entries keep their built values
     while the others train."""
     from transformers import LlamaForCausalLM
@@ -107,7 +113,7 @@ def test_freezing_the_circuit_holds_exactly_what_was_built(grown):
     with torch.no_grad():
         for name, p in plain.named_parameters():
             p[masks[name]] = 0.0
-    old = LlamaForCausalLM.from_pretrained(bundled_model_dir(), dtype=torch.float32).eval()
+    old = LlamaForCausalLM.from_pretrained(base_model_dir(), dtype=torch.float32).eval()
     with torch.no_grad():
         assert torch.allclose(plain(input_ids=rows).logits, old(input_ids=rows).logits, atol=1e-3)
         assert not torch.allclose(grown(input_ids=rows).logits, old(input_ids=rows).logits, atol=1e-3)
@@ -160,3 +166,18 @@ def test_recalibrating_puts_the_match_heads_back_after_the_residual_grows(grown)
     r_back = ratio(louder)
     # about half the copying lost comes back (the rest: the earlier layers' accumulator, not rescaled)
     assert r_back < r_louder - 0.08 and r_back - r_built < 0.7 * (r_louder - r_built), (r_built, r_louder, r_back)
+
+
+def test_the_bundled_model_copies_a_sample_document_as_its_card_says():
+    """The shipped model (the base grown, fine-tuned with its circuit frozen, recalibrated; stored in
+    bfloat16) through the pipeline's own tokenizer and handler, in float32: a repeat of a sample document
+    costs a small fraction of its first reading, where the base model pays for it again."""
+    from lmc_audit.pipelines.default_model.card import chunk_bits
+    from lmc_audit.transforms.scoring.model_loading import bundled_model_dir
+
+    assert "recalibrated" in json.loads((Path(bundled_model_dir()) / "training.json").read_text())
+    xs = [(SAMPLE / name).read_bytes()[:1000] for name in ("library__code.txt", "howto__sorting.txt")]
+    for model_dir, low, high in ((str(bundled_model_dir()), 1.0, 1.15), (base_model_dir(), 1.9, 2.2)):
+        bits = chunk_bits(model_dir, xs + [x + x for x in xs])
+        ratios = [double / single for single, double in zip(bits[:2], bits[2:])]
+        assert all(low < r < high for r in ratios), (model_dir, ratios)

@@ -45,6 +45,15 @@ class Progress:
     _printed_at: dict[str, tuple[int, int]] = {}
 
     @classmethod
+    def reset(cls) -> None:
+        """Start counting again: a job run in this process after another (tests, benchmarks, a
+        scheduler's loop) shows its own counts, rates and time left, not the sum of every job's."""
+        with cls._lock:
+            cls._stages = {}
+            cls._expected_bytes = 0
+            cls._printed_at = {}
+
+    @classmethod
     def expect(cls, total_bytes: int) -> None:
         """The input's listed size: the total that 'time left' is estimated against."""
         with cls._lock:

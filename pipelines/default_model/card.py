@@ -1,11 +1,12 @@
 """Measure the bundled model on the held-out split and write its model card.
 
-    python -m lmc_audit.pipelines.default_model.card --model-dir pipelines/assets/model
+    python -m lmc_audit.pipelines.default_model.card --model-dir pipelines/assets/model [--rewrite]
 
 Held-out files are cut into 2048-byte chunks, each scored on its own from BOS
 with the pipeline's own tokenizer and model handler (float32, CPU), and each
 compressed on its own by zlib -9, zstd -19 and xz -9. Rates are summed bits
-over summed bytes, as in the reference paper.
+over summed bytes, as in the reference paper. ``--rewrite`` writes the card again from the
+measures stored in ``card.json`` (when its wording changes and the model does not).
 """
 
 from __future__ import annotations
@@ -92,17 +93,54 @@ def copy_ratio(model_dir: str, files) -> dict:
             "ratio": round(double / single, 4)}
 
 
+def _rope_theta(config: dict) -> float:
+    return (config.get("rope_parameters") or {}).get("rope_theta", config.get("rope_theta", 10000.0))
+
+
+def recipe(training: dict) -> list[str]:
+    """The commands that rebuild a model from its training record (a grown model's whole chain)."""
+    chain = _chain(training)[::-1]  # oldest first
+    module = "python -m lmc_audit.pipelines.default_model"
+    base = chain[0]
+    lines = [f"{module}.train --out BASE --minutes {base['training_seconds'] / 60:.0f}  # the base model, "
+             f"{base['steps']:,} steps here"]
+    grown = next((b["grown"] for b in chain if "grown" in b), None)
+    if grown:
+        lines.append(f"{module}.induction --model-dir BASE --out GROWN " + " ".join(
+            f"--{k} {v}" for k, v in grown.items()))
+    for run in chain[1:]:
+        lr = run["optimizer"].split(" lr ")[1].split()[0]
+        warmup = run["optimizer"].split("warmup ")[1].split()[0]
+        lines.append(f"{module}.train --init-from GROWN --out TUNED --minutes {run['training_seconds'] / 60:.0f} "
+                     f"--lr {lr} --warmup-steps {warmup} --copy-fraction {run.get('copy_fraction', 0)} "
+                     f"--random-share {run.get('random_share', 0)}"
+                     + (" --freeze-circuit" if run.get("freeze_circuit") else "")
+                     + (" --long-fraction 0" if "last 0%" in run.get("schedule", "") else ""))
+    r = training.get("recalibrated")
+    stored = training.get("stored", "float32").split()[0]
+    if r:
+        lines.append(f"{module}.induction --model-dir TUNED --recalibrate GROWN --alpha-scale {r['alpha_scale']} "
+                     f"--dtype {stored} --out MODEL")
+    return lines
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model-dir", type=Path, required=True)
     p.add_argument("--docs-root", type=Path, default=DOCS_ROOT)
+    p.add_argument("--rewrite", action="store_true",
+                   help="write README.md from the measures in card.json, without measuring again")
     args = p.parse_args(argv)
 
     files = list_source_files(args.docs_root)
     held = [f for f in files if f.held_out]
-    result = evaluate(str(args.model_dir), held)
-    copying = copy_ratio(str(args.model_dir), held)
     training = json.loads((args.model_dir / "training.json").read_text())
+    if args.rewrite:
+        stored = json.loads((args.model_dir / "card.json").read_text())
+        result, copying = stored["held_out"], stored["copy"]
+    else:
+        result = evaluate(str(args.model_dir), held)
+        copying = copy_ratio(str(args.model_dir), held)
     card = {"held_out": result, "copy": copying, "training": training}
     (args.model_dir / "card.json").write_text(json.dumps(card, indent=2) + "\n")
     config = json.loads((args.model_dir / "config.json").read_text())
@@ -116,7 +154,9 @@ def main(argv: list[str] | None = None) -> None:
         "`config.lmc_byte_level = true` tells lmc-audit to feed it raw bytes.", "",
         "## Shape", "",
         f"- parameters: {t['parameters']:,} (hidden {config['hidden_size']}, {config['num_hidden_layers']} layers, "
-        f"{config['num_attention_heads']} heads, FFN {config['intermediate_size']}, tied embeddings)",
+        f"{config['num_attention_heads']} heads of {config.get('head_dim', config['hidden_size'] // config['num_attention_heads'])} "
+        f"dimensions, RoPE base {f'{_rope_theta(config):g}'.replace('e+', 'e')}{', attention biases' if config.get('attention_bias') else ''}, "
+        f"FFN {config['intermediate_size']}, tied embeddings)",
         f"- weights: {config.get('dtype', config.get('torch_dtype', 'float32'))} safetensors, "
         f"{(args.model_dir / 'model.safetensors').stat().st_size / 1e6:.1f} MB (lmc-audit computes in float32 on CPU)", "",
         "## Training", "",
@@ -146,6 +186,12 @@ def main(argv: list[str] | None = None) -> None:
         f"- in all: {sum(b.get('training_tokens', 0) for b in _chain(t)):,} training bytes in "
         f"{sum(b.get('training_seconds', 0) for b in _chain(t)) / 60:.1f} min",
         "- script: `python -m lmc_audit.pipelines.default_model.train`", "",
+        "## Rebuilding it", "",
+        "On the training files of the split below (never the held-out ones), from the repository's root. "
+        "Training is bounded by wall-clock minutes, so other hardware gives other weights; the base model "
+        "this one was built from is kept in the repository (`pipelines/assets/base_model`, not installed "
+        "with the package) and may stand for BASE.", "",
+        "```", *recipe(t), "```", "",
         "## Held-out compression (2048-byte chunks, each coded on its own)", "",
         "Measured by `python -m lmc_audit.pipelines.default_model.card`:", "",
         "| compressor | bits per byte | % of raw |", "|---|---|---|",

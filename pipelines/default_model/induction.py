@@ -1,6 +1,9 @@
-"""Give the bundled model a copying circuit: an induction head over the last 27 bytes, built into its weights.
+"""Give a byte model a copying circuit: an induction head over the last 27 bytes, built into its weights.
 
-    python -m lmc_audit.pipelines.default_model.induction --model-dir pipelines/assets/model --out DIR
+    python -m lmc_audit.pipelines.default_model.induction --model-dir pipelines/assets/base_model --out DIR
+
+The bundled model (``pipelines/assets/model``) was made so from the base model kept in the repository
+(``pipelines/assets/base_model``, not installed with the package); its card has the whole recipe.
 
 A 3.2M-parameter byte model trained on a CPU for an hour never learns to copy from its context
 (bits(x + x) / bits(x) = 2.0; hundreds more steps on windows full of repeats: still 2.0), so its
@@ -425,27 +428,39 @@ def main(argv: list[str] | None = None) -> None:
                         "write it to --out with its match heads put back at their built strength")
     p.add_argument("--alpha-scale", type=float, default=1.0,
                    help="with --recalibrate: the copied byte's boost times this")
+    p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
+                   help="how the weights are stored (the pipeline computes in float32 either way; "
+                        "the bundled model is stored in bfloat16)")
     args = p.parse_args(argv)
     files = list_source_files(args.docs_root)
     train, _ = load_stream([f for f in files if not f.held_out])
     held, _ = load_stream([f for f in files if f.held_out])
     if args.recalibrate:
-        return recalibrate_dir(args.model_dir, args.recalibrate, args.out, train, held, args.alpha_scale)
+        return recalibrate_dir(args.model_dir, args.recalibrate, args.out, train, held, args.alpha_scale,
+                               args.dtype)
     matches = tuple(tuple(float(v) for v in m.split(":")) for m in args.matches.split(","))
     model = grow(args.model_dir, train, scratch=args.scratch, matches=matches, widen=args.widen, beta=args.beta,
                  energy=args.energy, seed=args.seed)
     print(f"parameters {sum(t.numel() for t in model.parameters()):,}", flush=True)
     print(f"copy ratio {copy_ratio(model, held):.3f}  held-out bpb {held_out_bpb(model, held, 1025):.3f}", flush=True)
-    args.out.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(args.out, safe_serialization=True)
     base = json.loads((args.model_dir / "training.json").read_text())
     record = dict(base)
     record["grown"] = {k: getattr(args, k) for k in ("scratch", "widen", "beta", "matches", "energy", "seed")}
-    (args.out / "training.json").write_text(json.dumps(record, indent=2) + "\n")
+    save(model, record, args.out, args.dtype)
+
+
+def save(model, record: dict, out: Path, dtype: str) -> None:
+    """The model and its training record, the weights stored in ``dtype`` (recorded when not float32)."""
+    out.mkdir(parents=True, exist_ok=True)
+    if dtype != "float32":
+        model = model.to(getattr(torch, dtype))
+        record = {**record, "stored": f"{dtype} (the pipeline loads it in float32)"}
+    model.save_pretrained(out, safe_serialization=True)
+    (out / "training.json").write_text(json.dumps(record, indent=2) + "\n")
 
 
 def recalibrate_dir(model_dir: Path, built_dir: Path, out: Path, train: np.ndarray, held: np.ndarray,
-                    alpha_scale: float) -> None:
+                    alpha_scale: float, dtype: str = "float32") -> None:
     """``--recalibrate``: scales measured on training text (never the held-out files), the record kept."""
     from transformers import LlamaForCausalLM
 
@@ -458,10 +473,8 @@ def recalibrate_dir(model_dir: Path, built_dir: Path, out: Path, train: np.ndarr
     done = recalibrate(model, circuit_scales(built, train), grown, train, alpha_scale)
     print(f"score scale {done['score_scale']:.3f}  boost scale {done['boost_scale']:.3f}", flush=True)
     print(f"copy ratio {copy_ratio(model, held):.3f}  held-out bpb {held_out_bpb(model, held, 1025):.3f}", flush=True)
-    out.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(out, safe_serialization=True)
     record["recalibrated"] = {"alpha_scale": alpha_scale, **{k: done[k] for k in ("score_scale", "boost_scale")}}
-    (out / "training.json").write_text(json.dumps(record, indent=2) + "\n")
+    save(model, record, out, dtype)
 
 
 if __name__ == "__main__":

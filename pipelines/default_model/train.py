@@ -1,6 +1,10 @@
-"""Train the bundled byte-level model on the training side of the split.
+"""Train a byte-level model on the training side of the split: the base of the bundled model.
 
-    python -m lmc_audit.pipelines.default_model.train --out pipelines/assets/model --minutes 45
+    python -m lmc_audit.pipelines.default_model.train --out pipelines/assets/base_model --minutes 45
+
+The bundled model (``pipelines/assets/model``) is that base with a copying circuit built in
+(``induction.py``), fine-tuned here with the circuit frozen (``--init-from DIR --freeze-circuit``)
+and recalibrated (``induction.py --recalibrate``); its card has the commands.
 
 The model is a small Llama (RMSNorm, RoPE, SwiGLU) over bytes: ids 0-255 are
 bytes and id 256 is BOS, which also serves as padding (padded positions are
