@@ -19,9 +19,9 @@ def test_a_line_names_each_stage_with_its_rate_and_the_time_left():
     assert re.fullmatch(r"\[lmc-audit\] reading 1 docs, 2 KiB \([\d.,]+ KiB/s, ~\d+:\d\d:\d\d left\) \| "
                         r"scoring 2 chunks, 1 KiB \([\d.,]+ KiB/s, ~\d+:\d\d:\d\d left\) \| "
                         r"writing 5 rows \([\d.,]+/s\)", line), line
-    assert Progress.line() is None  # nothing moved since
+    assert Progress.counts() == {"reading": (1, 2_048), "scoring": (2, 1_024), "writing": (5, 0)}
     Progress.reset()
-    assert Progress.line() is None
+    assert Progress.line() is None and Progress.counts() == {}
 
 
 def test_a_second_job_in_one_process_counts_from_zero(tiny_byte_model, tmp_path):
@@ -30,10 +30,11 @@ def test_a_second_job_in_one_process_counts_from_zero(tiny_byte_model, tmp_path)
     corpus = tmp_path / "corpus"
     corpus.mkdir()
     (corpus / "a.jsonl").write_text("".join(json.dumps({"text": f"document {i} " * 300}) + "\n" for i in range(6)))
-    lines = []
+    counts = []
     for i in range(2):
         run(["--input", str(corpus), "--output", str(tmp_path / f"out{i}"), "--model", tiny_byte_model,
              "--no-coding", "--quiet"])
-        lines.append(Progress.line())
-    reading = [re.search(r"reading (\d+) docs, ([\d,]+) KiB", line).groups() for line in lines]
-    assert reading[0] == reading[1] and reading[0][0] == "6", lines  # 12 when the counts carried over
+        counts.append(Progress.counts())
+    text_bytes = sum(len(json.loads(line)["text"].encode()) for line in (corpus / "a.jsonl").open())
+    assert counts[0]["reading"] == counts[1]["reading"] == (6, text_bytes), counts  # (12, ...) when carried over
+    assert counts[0]["scoring"] == counts[1]["scoring"], counts

@@ -75,16 +75,18 @@ class Progress:
                 cls._thread.start()
 
     @classmethod
+    def counts(cls) -> dict[str, tuple[int, int]]:
+        """Each stage's (items, bytes) counted in this process since the job started."""
+        with cls._lock:
+            return {k: (v.items, v.bytes) for k, v in cls._stages.items()}
+
+    @classmethod
     def line(cls) -> str | None:
-        """The current line, or None when nothing moved since the last one."""
+        """The current line, or None before any stage has counted."""
         now = time.monotonic()
         with cls._lock:
             stages = {k: _Stage(v.items, v.bytes, v.first, v.last) for k, v in cls._stages.items()}
             expected = cls._expected_bytes
-            seen = {k: (v.items, v.bytes) for k, v in stages.items()}
-            if seen == cls._printed_at:
-                return None
-            cls._printed_at = seen
         parts = []
         for name in STAGES:
             s = stages.get(name)
@@ -109,6 +111,10 @@ class Progress:
     def _loop(cls) -> None:
         while True:
             time.sleep(cls.interval_s)
+            seen = cls.counts()
+            if seen == cls._printed_at:
+                continue  # nothing moved since the last line
+            cls._printed_at = seen
             text = cls.line()
             if text:
                 print(text, file=sys.stderr, flush=True)
