@@ -163,7 +163,8 @@ def test_a_pair_moves_its_smaller_sketch_once_and_a_document_its_own_once():
     a receiving document sends its own once, whatever its number of pairs; the NCD samples travel apart;
     a document's sample is sent to be scored once, and never for a document in no pair."""
     from lmc_audit.transforms.dedup.find_duplicates import (
-        NCD_CHUNKS, NCD_TEXTS, _orient, _pairs_at_receiver, _route_sketch, _verification_part)
+        NCD_CHUNKS, NCD_TEXTS, _from_verification_part, _keyed_for_verification, _orient, _pairs_at_receiver,
+        _route_sketch, _verification_part)
 
     texts = _texts()
     big, small = _sketch("big", texts[0] + texts[2]), _sketch("small", texts[1][:1_000])
@@ -172,17 +173,22 @@ def test_a_pair_moves_its_smaller_sketch_once_and_a_document_its_own_once():
     assert _orient((sized(big), sized(small))) == (small.key, big.key, False)
     assert _orient((sized(small), sized(big))) == (small.key, big.key, True)
     other = (9, 9, "z")
-    out = list(_route_sketch((small.key, {"sketch": [small], "as_sender": [(big.key, False), (other, True)],
+    keyed = _keyed_for_verification(small)
+    assert keyed[0] == small.key
+    out = list(_route_sketch((small.key, {"sketch": [keyed[1]], "as_sender": [(big.key, False), (other, True)],
                                           "as_receiver": [(7, 7, "y")]}), True))
     routed = [x for x in out if not hasattr(x, "tag")]
     assert routed == [(big.key, (1, _verification_part(small), False)), (other, (1, _verification_part(small), True)),
                       (small.key, (0, _verification_part(small), None))]
-    # the bytes that travel for verification are the n-gram and line hashes, nothing else
-    assert all(b"".join(x for x in part if isinstance(x, bytes)) == small.shingles + small.lines
-               for _, (_, part, _) in routed)
+    # the bytes that travel for verification are the n-gram and line hashes, nothing else, packed
+    assert all(b"".join(x for x in part if isinstance(x, bytes)) == dedup.pack_hashes(small.shingles)
+               + dedup.pack_hashes(small.lines) for _, (_, part, _) in routed)
+    back = _from_verification_part(_verification_part(small))
+    assert (back.shingles, back.lines, back.bytes, back.normalized_hash) == (
+        small.shingles, small.lines, small.bytes, small.normalized_hash)
     assert len([x for x in out if getattr(x, "tag", None) == NCD_TEXTS]) == 3
     assert [x.value.data for x in out if getattr(x, "tag", None) == NCD_CHUNKS] == [small.ncd_text]
-    assert list(_route_sketch((small.key, {"sketch": [small], "as_sender": [], "as_receiver": []}), True)) == []
+    assert list(_route_sketch((small.key, {"sketch": [keyed[1]], "as_sender": [], "as_receiver": []}), True)) == []
     # At the receiver the pair is put back in its own order: (first, second).
     meeting = (big.key, [(1, _verification_part(small), False), (0, _verification_part(big), None)])
     assert list(_pairs_at_receiver(meeting)) == [(_verification_part(big), _verification_part(small))]
@@ -466,3 +472,19 @@ def test_find_duplicates_clusters_equal_union_find_over_its_edges(tmp_path):
         assert kept["keep"] and kept["cluster_size"] == 3 and f"doc{i}-3" not in by_doc
         assert by_doc[f"doc{i}-1"]["reason"] == "exact" and by_doc[f"doc{i}-2"]["reason"] == "near"
         assert len({by_doc[f"doc{i}-{j}"]["cluster_id"] for j in range(3)}) == 1
+
+
+def test_packed_hashes_come_back_exactly_in_fewer_bytes():
+    """What the pair join moves: sorted uint32 hashes packed as zstd-coded gaps. Exact round trip
+    (empty, one hash, the extremes of the range, a real sketch), and smaller than the raw bytes for a
+    real document's n-gram hashes (gaps of uniform hashes need about 24 of 32 bits at 500 hashes)."""
+    cases = [np.zeros(0, np.uint32), np.array([7], np.uint32), np.array([0, 1, 2**32 - 1], np.uint32),
+             np.unique(np.random.default_rng(0).integers(0, 2**32, 5_000, dtype=np.uint64)).astype(np.uint32)]
+    sketch = _sketch("doc", " ".join(_texts()))
+    cases.append(np.frombuffer(sketch.shingles, np.uint32))
+    for hashes in cases:
+        raw = hashes.astype("<u4").tobytes()
+        assert dedup.unpack_hashes(dedup.pack_hashes(raw)) == raw
+        assert len(dedup.pack_hashes(raw)) <= len(raw) + 1  # a small set goes as it is, after its tag
+    assert len(sketch.shingles) > 4_000
+    assert len(dedup.pack_hashes(sketch.shingles)) < 0.85 * len(sketch.shingles)

@@ -61,22 +61,24 @@ class PairBuckets(beam.DoFn):
 _OWN, _SENT = 0, 1  # what a document's group at a meeting holds: its own part, or one its pair sent
 
 # What verification compares, as a plain tuple (Beam's coder writes it without pickling a class):
-# (key, shard, bytes, normalized hash, n-gram hashes, line hashes).
+# (key, shard, bytes, normalized hash, n-gram hashes, line hashes), the hashes packed
+# (``dedup.pack_hashes``: a quarter fewer bytes through both groupings of the pair join).
 VerificationPart = tuple[dedup.DocKey, str, int, str, bytes, bytes]
 
 
-def _keyed_for_verification(sketch: DocSketch) -> tuple[dedup.DocKey, DocSketch]:
-    """A sketch keyed by its document, without its MinHash signature: the signature only makes band keys."""
-    return sketch.key, dataclasses.replace(sketch, signature=b"")
+def _keyed_for_verification(sketch: DocSketch) -> tuple[dedup.DocKey, tuple[VerificationPart, bytes]]:
+    """A document's verification part and NCD sample, keyed by the document: all of its sketch that the
+    pair join needs (not the MinHash signature, which only makes band keys)."""
+    return sketch.key, (_verification_part(sketch), sketch.ncd_text)
 
 
 def _verification_part(s: DocSketch) -> VerificationPart:
-    return s.key, s.shard, s.bytes, s.normalized_hash, s.shingles, s.lines
+    return s.key, s.shard, s.bytes, s.normalized_hash, dedup.pack_hashes(s.shingles), dedup.pack_hashes(s.lines)
 
 
 def _from_verification_part(part: VerificationPart) -> DocSketch:
     key, shard, size, normalized, shingles, lines = part
-    return DocSketch(key, shard, size, normalized, shingles, b"", b"", lines)
+    return DocSketch(key, shard, size, normalized, dedup.unpack_hashes(shingles), b"", b"", dedup.unpack_hashes(lines))
 
 
 def _orient(pair: tuple[dedup.SizedKey, dedup.SizedKey]) -> tuple[dedup.DocKey, dedup.DocKey, bool]:
@@ -96,8 +98,8 @@ def _route_sketch(element, ncd: bool = False):
     once (``NCD_CHUNKS``): C(x) is a document's own number, the same in every pair it is in (only
     C(xy) is the pair's)."""
     key, grouped = element
-    for sketch in grouped["sketch"]:  # exactly one
-        part, text = _verification_part(sketch), (key, sketch.ncd_text)
+    for part, ncd_text in grouped["sketch"]:  # exactly one
+        text = (key, ncd_text)
         paired = False
         for receiver, sender_is_first in grouped["as_sender"]:
             paired = True
@@ -109,8 +111,8 @@ def _route_sketch(element, ncd: bool = False):
             yield key, (_OWN, part, None)
             if ncd:
                 yield beam.pvalue.TaggedOutput(NCD_TEXTS, (key, (_OWN, text, None)))
-        if ncd and paired and sketch.ncd_text:
-            yield beam.pvalue.TaggedOutput(NCD_CHUNKS, _ncd_chunk(f"{_doc_ref(key)}:x", sketch.ncd_text))
+        if ncd and paired and ncd_text:
+            yield beam.pvalue.TaggedOutput(NCD_CHUNKS, _ncd_chunk(f"{_doc_ref(key)}:x", ncd_text))
 
 
 def _pairs_at_receiver(element):

