@@ -62,7 +62,7 @@ _OWN, _SENT = 0, 1  # what a document's group at a meeting holds: its own part, 
 
 # What verification compares, as a plain tuple (Beam's coder writes it without pickling a class):
 # (key, shard, bytes, normalized hash, n-gram hashes, line hashes), the hashes packed
-# (``dedup.pack_hashes``: a quarter fewer bytes through both groupings of the pair join).
+# (``dedup.pack_hashes``: a fifth to a quarter fewer bytes through both groupings of the pair join).
 VerificationPart = tuple[dedup.DocKey, str, int, str, bytes, bytes]
 
 

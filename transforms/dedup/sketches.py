@@ -19,7 +19,8 @@ Chain (README, "Duplicates"):
    (``dedup_capped_buckets``). Pairs of equal normalized text are left to step 2.
 4. Candidate pairs meet their sketches in one CoGroupByKey and one GroupByKey:
    of each pair, the smaller sketch (n-gram and line hashes only,
-   ``verification_bytes``) travels to the other document, where the pair is
+   ``verification_bytes``, packed on the way: ``pack_hashes``) travels to the
+   other document, where the pair is
    verified (``verify``) by the first rule that holds:
 
    - ``jaccard``: n-gram Jaccard at least ``jaccard_threshold``;
