@@ -155,6 +155,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"a candidate pair with n-gram Jaccard at least this is a duplicate (default {dd.jaccard_threshold})")
     d.add_argument("--dedup-ncd", type=float, default=dd.ncd_threshold,
                    help=f"... or with the model's NCD of the documents' samples (--ncd-bytes) at most this (default {dd.ncd_threshold})")
+    d.add_argument("--dedup-ncd-min-containment", type=float, default=dd.ncd_min_containment,
+                   help="NCD is scored only for candidate pairs that another rule verified or whose n-gram "
+                        "containment is at least this: pairs that share a line or a band by chance cost no "
+                        f"forward; 0 scores every candidate (default {dd.ncd_min_containment})")
     d.add_argument("--ncd-bytes", type=int, default=dd.ncd_bytes,
                    help=f"bytes of each document NCD compares: lines sampled from the whole text by their hashes, "
                         f"or the first bytes of a text with few lines (default {dd.ncd_bytes})")
@@ -223,7 +227,8 @@ def dedup_options(args: argparse.Namespace) -> DedupOptions | None:
         return None
     return DedupOptions(ngram=args.minhash_ngram, bands=args.minhash_bands, rows=args.minhash_rows,
                         seed=args.minhash_seed, jaccard_threshold=args.dedup_jaccard, ncd_threshold=args.dedup_ncd,
-                        ncd_bytes=args.ncd_bytes, max_bucket=args.dedup_max_bucket,
+                        ncd_bytes=args.ncd_bytes, ncd_min_containment=args.dedup_ncd_min_containment,
+                        max_bucket=args.dedup_max_bucket,
                         containment_threshold=args.dedup_containment, line_containment=args.dedup_line_containment,
                         min_shingles=args.dedup_min_shingles, min_length_ratio=args.dedup_min_length_ratio,
                         min_line_words=args.dedup_min_line_words,
@@ -642,5 +647,6 @@ def collect_job_metrics(result) -> dict:
            "inference_batch_seconds": seconds("inference_batch_latency_micro_secs"),
            "dedup_candidate_pairs": counter("dedup_candidate_pairs"),
            "dedup_verified_pairs": counter("dedup_verified_pairs"),
+           "dedup_ncd_pairs_skipped": counter("dedup_ncd_pairs_skipped"),
            "dedup_capped_buckets": counter("dedup_capped_buckets")}
     return {k: v for k, v in out.items() if v is not None}

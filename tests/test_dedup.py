@@ -131,7 +131,7 @@ def test_the_ncd_join_carries_a_checked_pair_not_the_sketches():
     import pickle
 
     from lmc_audit.transforms.dedup.find_duplicates import (
-        NCD_USES, CheckPair, VerifyPair, _concatenation, _verification_part)
+        NCD_PIECES, NCD_USES, CheckPair, VerifyPair, _concatenation, _verification_part)
 
     opts = DedupOptions()
     long_text = " ".join(f"w{i} v{i % 97} u{i % 13}" for i in range(30_000))
@@ -141,7 +141,8 @@ def test_the_ncd_join_carries_a_checked_pair_not_the_sketches():
     assert checked.verdict == dedup.verify(a, b, opts) and checked.verdict.rule
     # one piece to score, the pair's own x + y; C(x) and C(y) are scored once per document and sent here
     piece, *uses = list(_concatenation(((a.key, a.ncd_text), (b.key, b.ncd_text))))
-    assert piece.doc_id == f"{pid}:xy" and piece.data == a.ncd_text + b.ncd_text
+    assert piece.tag == NCD_PIECES
+    assert piece.value.doc_id == f"{pid}:xy" and piece.value.data == a.ncd_text + b.ncd_text
     assert sorted(t.value[1] for t in uses if t.tag == NCD_USES) == [(pid, "x"), (pid, "y")]
     assert list(_concatenation(((a.key, a.ncd_text), (b.key, b"")))) == []  # no sample, no NCD
     assert len(pickle.dumps(checked)) < 1_000 < len(pickle.dumps((a, b))) // 100
@@ -158,12 +159,43 @@ def test_the_ncd_join_carries_a_checked_pair_not_the_sketches():
     assert (edge.a, edge.b, edge.a_info) == (a.key, b.key, (a.shard, a.normalized_hash))
 
 
+def test_ncd_is_scored_for_verified_or_overlapping_pairs_and_skipped_for_chance_ones():
+    """With NCD on, a checked pair also sends its x + y (and where C(x), C(y) go) when a rule verified it
+    or its n-gram containment reaches ``ncd_min_containment``; a pair that shares little (a chance line)
+    sends nothing to score and is counted; 0 scores every pair; without NCD nothing is sent."""
+    from lmc_audit.transforms.dedup.find_duplicates import NCD_PIECES, NCD_USES, CheckPair, _verification_part
+
+    texts = _texts()
+    base = _sketch("base", texts[0])
+    edited_words = texts[0].split(" ")
+    for i in range(0, len(edited_words), 7):  # every seventh word: 2 of 7 n-grams kept, too few for a rule
+        edited_words[i] = f"edit{i}"
+    edited = _sketch("edited", " ".join(edited_words))
+    chance = _sketch("chance", texts[1])
+    opts = DedupOptions()
+
+    def outputs(x, y, options, ncd=True):
+        out = list(CheckPair(options, ncd).process((_verification_part(x, ncd), _verification_part(y, ncd))))
+        return out[0][1].verdict, [o.tag for o in out[1:]]
+
+    verdict, tags = outputs(base, edited, opts)
+    assert verdict.rule is None and opts.ncd_min_containment <= verdict.containment < opts.containment_threshold
+    assert tags == [NCD_PIECES, NCD_USES, NCD_USES]
+    verdict, tags = outputs(base, chance, opts)
+    assert verdict.rule is None and verdict.containment < opts.ncd_min_containment and tags == []
+    assert outputs(base, chance, DedupOptions(ncd_min_containment=0.0))[1] == [NCD_PIECES, NCD_USES, NCD_USES]
+    assert outputs(base, _sketch("copy", texts[0]), opts)[1] == [NCD_PIECES, NCD_USES, NCD_USES]  # verified
+    assert outputs(base, edited, opts, ncd=False)[1] == []
+    with pytest.raises(ValueError, match="ncd_min_containment"):
+        DedupOptions(ncd_min_containment=1.5)
+
+
 def test_a_pair_moves_its_smaller_sketch_once_and_a_document_its_own_once():
-    """The pair join: of each pair, the smaller sketch's hashes travel (no NCD sample, no signature);
-    a receiving document sends its own once, whatever its number of pairs; the NCD samples travel apart;
+    """The pair join: of each pair, the smaller sketch's hashes travel, packed, with its NCD sample when the
+    job scores NCD (no signature); a receiving document sends its own once, whatever its number of pairs;
     a document's sample is sent to be scored once, and never for a document in no pair."""
     from lmc_audit.transforms.dedup.find_duplicates import (
-        NCD_CHUNKS, NCD_TEXTS, _from_verification_part, _keyed_for_verification, _orient, _pairs_at_receiver,
+        NCD_CHUNKS, _from_verification_part, _keyed_for_verification, _orient, _pairs_at_receiver,
         _route_sketch, _verification_part)
 
     texts = _texts()
@@ -173,20 +205,20 @@ def test_a_pair_moves_its_smaller_sketch_once_and_a_document_its_own_once():
     assert _orient((sized(big), sized(small))) == (small.key, big.key, False)
     assert _orient((sized(small), sized(big))) == (small.key, big.key, True)
     other = (9, 9, "z")
-    keyed = _keyed_for_verification(small)
-    assert keyed[0] == small.key
+    keyed = _keyed_for_verification(small, True)
+    assert keyed[0] == small.key and keyed[1] == _verification_part(small, True)
+    assert _keyed_for_verification(small)[1][-1] == b""  # no NCD: no sample travels
     out = list(_route_sketch((small.key, {"sketch": [keyed[1]], "as_sender": [(big.key, False), (other, True)],
                                           "as_receiver": [(7, 7, "y")]}), True))
     routed = [x for x in out if not hasattr(x, "tag")]
-    assert routed == [(big.key, (1, _verification_part(small), False)), (other, (1, _verification_part(small), True)),
-                      (small.key, (0, _verification_part(small), None))]
-    # the bytes that travel for verification are the n-gram and line hashes, nothing else, packed
+    sent = _verification_part(small, True)
+    assert routed == [(big.key, (1, sent, False)), (other, (1, sent, True)), (small.key, (0, sent, None))]
+    # the bytes that travel are the n-gram and line hashes, packed, and the NCD sample: nothing else
     assert all(b"".join(x for x in part if isinstance(x, bytes)) == dedup.pack_hashes(small.shingles)
-               + dedup.pack_hashes(small.lines) for _, (_, part, _) in routed)
-    back = _from_verification_part(_verification_part(small))
-    assert (back.shingles, back.lines, back.bytes, back.normalized_hash) == (
-        small.shingles, small.lines, small.bytes, small.normalized_hash)
-    assert len([x for x in out if getattr(x, "tag", None) == NCD_TEXTS]) == 3
+               + dedup.pack_hashes(small.lines) + small.ncd_text for _, (_, part, _) in routed)
+    back = _from_verification_part(sent)
+    assert (back.shingles, back.lines, back.bytes, back.normalized_hash, back.ncd_text) == (
+        small.shingles, small.lines, small.bytes, small.normalized_hash, small.ncd_text)
     assert [x.value.data for x in out if getattr(x, "tag", None) == NCD_CHUNKS] == [small.ncd_text]
     assert list(_route_sketch((small.key, {"sketch": [keyed[1]], "as_sender": [], "as_receiver": []}), True)) == []
     # At the receiver the pair is put back in its own order: (first, second).
