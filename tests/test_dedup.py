@@ -131,13 +131,13 @@ def test_the_ncd_join_carries_a_checked_pair_not_the_sketches():
     import pickle
 
     from lmc_audit.transforms.dedup.find_duplicates import (
-        NCD_PIECES, NCD_USES, CheckPair, VerifyPair, _concatenation, _verification_part)
+        NCD_PIECES, NCD_USES, CheckPair, VerifyPair, _concatenation)
 
     opts = DedupOptions()
     long_text = " ".join(f"w{i} v{i % 97} u{i % 13}" for i in range(30_000))
     a, b = _sketch("a", long_text), _sketch("b", long_text[:len(long_text) * 6 // 10])
     assert len(a.shingles) > 100_000  # the sketch holds tens of thousands of n-gram hashes
-    (pid, checked), = list(CheckPair(opts).process((_verification_part(a), _verification_part(b))))
+    (pid, checked), = list(CheckPair(opts).process((a, b)))
     assert checked.verdict == dedup.verify(a, b, opts) and checked.verdict.rule
     # one piece to score, the pair's own x + y; C(x) and C(y) are scored once per document and sent here
     piece, *uses = list(_concatenation(((a.key, a.ncd_text), (b.key, b.ncd_text))))
@@ -147,7 +147,7 @@ def test_the_ncd_join_carries_a_checked_pair_not_the_sketches():
     assert list(_concatenation(((a.key, a.ncd_text), (b.key, b"")))) == []  # no sample, no NCD
     assert len(pickle.dumps(checked)) < 1_000 < len(pickle.dumps((a, b))) // 100
     distinct = _sketch("c", " ".join(f"z{i}" for i in range(5_000)))
-    (pid2, unrelated), = list(CheckPair(opts).process((_verification_part(a), _verification_part(distinct))))
+    (pid2, unrelated), = list(CheckPair(opts).process((a, distinct)))
     assert unrelated.verdict.rule is None
     verify = VerifyPair(opts)
     close = [("x", 100.0), ("y", 100.0), ("xy", 110.0)]  # NCD 0.1
@@ -163,7 +163,7 @@ def test_ncd_is_scored_for_verified_or_overlapping_pairs_and_skipped_for_chance_
     """With NCD on, a checked pair also sends its x + y (and where C(x), C(y) go) when a rule verified it
     or its n-gram containment reaches ``ncd_min_containment``; a pair that shares little (a chance line)
     sends nothing to score and is counted; 0 scores every pair; without NCD nothing is sent."""
-    from lmc_audit.transforms.dedup.find_duplicates import NCD_PIECES, NCD_USES, CheckPair, _verification_part
+    from lmc_audit.transforms.dedup.find_duplicates import NCD_PIECES, NCD_USES, CheckPair
 
     texts = _texts()
     base = _sketch("base", texts[0])
@@ -175,7 +175,7 @@ def test_ncd_is_scored_for_verified_or_overlapping_pairs_and_skipped_for_chance_
     opts = DedupOptions()
 
     def outputs(x, y, options, ncd=True):
-        out = list(CheckPair(options, ncd).process((_verification_part(x, ncd), _verification_part(y, ncd))))
+        out = list(CheckPair(options, ncd).process((x, y)))
         return out[0][1].verdict, [o.tag for o in out[1:]]
 
     verdict, tags = outputs(base, edited, opts)
@@ -223,7 +223,8 @@ def test_a_pair_moves_its_smaller_sketch_once_and_a_document_its_own_once():
     assert list(_route_sketch((small.key, {"sketch": [keyed[1]], "as_sender": [], "as_receiver": []}), True)) == []
     # At the receiver the pair is put back in its own order: (first, second).
     meeting = (big.key, [(1, _verification_part(small), False), (0, _verification_part(big), None)])
-    assert list(_pairs_at_receiver(meeting)) == [(_verification_part(big), _verification_part(small))]
+    assert list(_pairs_at_receiver(meeting)) == [(_from_verification_part(_verification_part(big)),
+                                                  _from_verification_part(_verification_part(small)))]
     with pytest.raises(ValueError, match="sent nothing of its own"):
         list(_pairs_at_receiver((big.key, [(1, _verification_part(small), True)])))
 

@@ -114,15 +114,18 @@ def _route_sketch(element, ncd: bool = False):
             yield beam.pvalue.TaggedOutput(NCD_CHUNKS, _ncd_chunk(f"{_doc_ref(key)}:x", ncd_text))
 
 
-def _pairs_at_receiver(element):
-    """The pairs that meet at one document, each as (first's part, second's part) in the pair's order."""
+def _pairs_at_receiver(element) -> Iterator[tuple[DocSketch, DocSketch]]:
+    """The pairs that meet at one document, each as (first's sketch, second's) in the pair's order; the
+    receiver's own part is unpacked once, however many pairs meet there."""
     _, routed = element
     own = next((part for tag, part, _ in routed if tag == _OWN), None)
     if own is None:
         raise ValueError("a candidate pair's receiving document sent nothing of its own")
+    own_sketch = _from_verification_part(own)
     for tag, sent, sender_is_first in routed:
         if tag == _SENT:
-            yield (sent, own) if sender_is_first else (own, sent)
+            sent_sketch = _from_verification_part(sent)
+            yield (sent_sketch, own_sketch) if sender_is_first else (own_sketch, sent_sketch)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -139,21 +142,21 @@ class CheckedPair:
 
 
 class CheckPair(beam.DoFn):
-    """A candidate pair's two verification parts in; the pair, checked against every rule but NCD's, out,
+    """A candidate pair's two sketches in; the pair, checked against every rule but NCD's, out,
     and with ``ncd`` its x + y to score (``NCD_PIECES``) and where C(x) and C(y) go (``NCD_USES``).
 
     NCD is scored for a pair that a rule verified (the manifest's ``ncd`` column) or whose n-gram
     containment is at least ``ncd_min_containment``; the others, which share a line or a band by chance
-    (most candidates on real corpora: 6,754 of 9,338 on the scale benchmark's), cost no forward and are
-    counted (``dedup_ncd_pairs_skipped``)."""
+    and little else (1,701 of 9,346 candidates on the scale benchmark's corpus of Python sources, whose
+    files share many n-grams), cost no forward and are counted (``dedup_ncd_pairs_skipped``)."""
 
     def __init__(self, options: DedupOptions, ncd: bool = False):
         self._options, self._ncd = options, ncd
         self._pairs = Metrics.counter(NAMESPACE, "dedup_candidate_pairs")
         self._skipped = Metrics.counter(NAMESPACE, "dedup_ncd_pairs_skipped")
 
-    def process(self, parts: tuple[VerificationPart, VerificationPart]):
-        a, b = (_from_verification_part(p) for p in parts)
+    def process(self, pair: tuple[DocSketch, DocSketch]):
+        a, b = pair
         self._pairs.inc()
         verdict = dedup.verify(a, b, self._options)
         yield _pair_id(a.key, b.key), CheckedPair(a.key, b.key, (a.shard, a.normalized_hash),
