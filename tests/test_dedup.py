@@ -213,9 +213,10 @@ def test_a_pair_moves_its_smaller_sketch_once_and_a_document_its_own_once():
     routed = [x for x in out if not hasattr(x, "tag")]
     sent = _verification_part(small, True)
     assert routed == [(big.key, (1, sent, False)), (other, (1, sent, True)), (small.key, (0, sent, None))]
-    # the bytes that travel are the n-gram and line hashes, packed, and the NCD sample: nothing else
+    # the bytes that travel are the n-gram and line hashes and the NCD sample, packed: nothing else
     assert all(b"".join(x for x in part if isinstance(x, bytes)) == dedup.pack_hashes(small.shingles)
-               + dedup.pack_hashes(small.lines) + small.ncd_text for _, (_, part, _) in routed)
+               + dedup.pack_hashes(small.lines) + dedup.pack_text(small.ncd_text) for _, (_, part, _) in routed)
+    assert len(dedup.pack_text(small.ncd_text)) < 0.8 * len(small.ncd_text)
     back = _from_verification_part(sent)
     assert (back.shingles, back.lines, back.bytes, back.normalized_hash, back.ncd_text) == (
         small.shingles, small.lines, small.bytes, small.normalized_hash, small.ncd_text)
@@ -521,3 +522,15 @@ def test_packed_hashes_come_back_exactly_in_fewer_bytes():
         assert len(dedup.pack_hashes(raw)) <= len(raw) + 1  # a small set goes as it is, after its tag
     assert len(sketch.shingles) > 4_000
     assert len(dedup.pack_hashes(sketch.shingles)) < 0.85 * len(sketch.shingles)
+
+
+def test_packed_ncd_samples_come_back_exactly():
+    """The NCD sample as the pair join moves it: exact round trip for an empty sample, one byte,
+    random bytes (which zstd cannot shrink: they go as they are, after their tag) and a real sample,
+    which shrinks."""
+    sample = _sketch("doc", " ".join(_texts())).ncd_text
+    noise = np.random.default_rng(0).integers(0, 256, 1_024, dtype=np.uint8).tobytes()
+    for text in (b"", b"x", noise, sample):
+        assert dedup.unpack_text(dedup.pack_text(text)) == text
+        assert len(dedup.pack_text(text)) <= len(text) + 1
+    assert len(sample) > 500 and len(dedup.pack_text(sample)) < 0.8 * len(sample)

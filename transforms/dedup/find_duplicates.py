@@ -62,8 +62,8 @@ _OWN, _SENT = 0, 1  # what a document's group at a meeting holds: its own part, 
 
 # What verification compares, as a plain tuple (Beam's coder writes it without pickling a class):
 # (key, shard, bytes, normalized hash, n-gram hashes, line hashes, NCD sample), the hashes packed
-# (``dedup.pack_hashes``: a fifth to a quarter fewer bytes through both groupings of the pair join), the
-# NCD sample empty when the job scores no NCD.
+# (``dedup.pack_hashes``: a fifth to a quarter fewer bytes through both groupings of the pair join) and
+# the NCD sample too (``dedup.pack_text``: about half), the sample empty when the job scores no NCD.
 VerificationPart = tuple[dedup.DocKey, str, int, str, bytes, bytes, bytes]
 
 
@@ -75,12 +75,12 @@ def _keyed_for_verification(sketch: DocSketch, ncd: bool = False) -> tuple[dedup
 
 def _verification_part(s: DocSketch, ncd: bool = False) -> VerificationPart:
     return (s.key, s.shard, s.bytes, s.normalized_hash, dedup.pack_hashes(s.shingles), dedup.pack_hashes(s.lines),
-            s.ncd_text if ncd else b"")
+            dedup.pack_text(s.ncd_text) if ncd else b"")
 
 
 def _from_verification_part(part: VerificationPart) -> DocSketch:
     key, shard, size, normalized, shingles, lines, ncd_text = part
-    return DocSketch(key, shard, size, normalized, dedup.unpack_hashes(shingles), b"", ncd_text,
+    return DocSketch(key, shard, size, normalized, dedup.unpack_hashes(shingles), b"", dedup.unpack_text(ncd_text),
                      dedup.unpack_hashes(lines))
 
 
@@ -109,9 +109,8 @@ def _route_sketch(element, ncd: bool = False):
         if any(True for _ in grouped["as_receiver"]):
             paired = True
             yield key, (_OWN, part, None)
-        ncd_text = part[-1]
-        if ncd and paired and ncd_text:
-            yield beam.pvalue.TaggedOutput(NCD_CHUNKS, _ncd_chunk(f"{_doc_ref(key)}:x", ncd_text))
+        if ncd and paired and part[-1]:
+            yield beam.pvalue.TaggedOutput(NCD_CHUNKS, _ncd_chunk(f"{_doc_ref(key)}:x", dedup.unpack_text(part[-1])))
 
 
 def _pairs_at_receiver(element) -> Iterator[tuple[DocSketch, DocSketch]]:

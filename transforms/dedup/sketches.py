@@ -440,7 +440,7 @@ def band_keys(key: DocKey, signature: bytes, options: DedupOptions,
 ExactMember = tuple[DocKey, str, bytes, bytes, int]
 
 
-_RAW, _ZSTD_GAPS = b"r", b"z"  # pack_hashes's tags
+_RAW, _ZSTD_GAPS, _ZSTD_TEXT = b"r", b"z", b"t"  # pack_hashes's and pack_text's tags
 
 
 def pack_hashes(raw: bytes) -> bytes:
@@ -469,6 +469,27 @@ def unpack_hashes(packed: bytes) -> bytes:
     planes = np.frombuffer(zstandard.decompress(packed[1:]), np.uint8).reshape(4, -1)
     gaps = np.ascontiguousarray(planes.T).view("<u4").ravel()
     return np.cumsum(gaps, dtype=np.uint32).astype("<u4").tobytes()
+
+
+def pack_text(text: bytes) -> bytes:
+    """A document's NCD sample (up to ``ncd_bytes`` of its text) as it crosses the pair join: zstd level 1
+    behind a one-byte tag, or as it is where a frame would not pay. About 0.53 of the raw bytes on the
+    scale benchmark's Python sources (levels 3 and 9: 0.530, 0.521, at 1.2x and 3x the time: measured);
+    the sample travels once per candidate pair, so it was a third of the pair join's bytes. Lossless:
+    C(x), C(xy) and the manifests are unchanged; ``unpack_text`` inverts it."""
+    if not text:
+        return b""
+    packed = zstandard.compress(text, 1)
+    return _ZSTD_TEXT + packed if len(packed) < len(text) else _RAW + text
+
+
+def unpack_text(packed: bytes) -> bytes:
+    if not packed:
+        return b""
+    if packed[:1] == _RAW:
+        return packed[1:]
+    assert packed[:1] == _ZSTD_TEXT, "not made by pack_text"
+    return zstandard.decompress(packed[1:])
 
 
 def verification_bytes(sketch: DocSketch) -> int:
