@@ -443,11 +443,27 @@ ExactMember = tuple[DocKey, str, bytes, bytes, int]
 _RAW, _ZSTD_GAPS, _ZSTD_TEXT = b"r", b"z", b"t"  # pack_hashes's and pack_text's tags
 
 
+def _tagged(raw: bytes, tag: bytes, coded: bytes) -> bytes:
+    """``coded`` behind its tag where it is smaller than ``raw``, else ``raw`` behind ``_RAW``: a set or
+    sample too small for a zstd frame (about 10 bytes) to pay goes as it is."""
+    return tag + coded if len(coded) < len(raw) else _RAW + raw
+
+
+def _untagged(packed: bytes, tag: bytes, decode) -> bytes:
+    """What ``_tagged`` packed: the raw bytes, or ``decode`` of the coded ones."""
+    if not packed:
+        return b""
+    if packed[:1] == _RAW:
+        return packed[1:]
+    assert packed[:1] == tag, f"tag {packed[:1]!r}, expected {tag!r} or {_RAW!r}"
+    return decode(packed[1:])
+
+
 def pack_hashes(raw: bytes) -> bytes:
     """Sorted uint32 hashes (a sketch's n-gram or line hashes) as they cross the pair join: the gaps
     between them, their bytes grouped by significance (so the high bytes, mostly zero, sit together),
-    zstd level 1, after a one-byte tag; a set too small for that to pay (a frame costs ~10 bytes) goes
-    as it is. Uniform hashes leave nothing to compress but the gaps' size, about log2(e * mean gap) bits
+    zstd level 1, after a one-byte tag; a set too small for that to pay goes as it is. Uniform hashes
+    leave nothing to compress but the gaps' size, about log2(e * mean gap) bits
     a hash: 0.75-0.76 of the raw bytes for a document's n-gram hashes, within 1 % of zstd's levels 3-19
     (measured). Lossless, so verification's Jaccard and containment stay exact; ``unpack_hashes``
     inverts it. Not what sketches store (incremental state keeps the raw hashes): only the pair join's
@@ -456,19 +472,17 @@ def pack_hashes(raw: bytes) -> bytes:
     if len(hashes) == 0:
         return b""
     gaps = np.diff(hashes, prepend=np.uint32(0)).astype("<u4")  # sorted: no gap wraps around
-    packed = zstandard.compress(gaps.view(np.uint8).reshape(-1, 4).T.tobytes(), 1)
-    return _ZSTD_GAPS + packed if len(packed) < len(raw) else _RAW + raw
+    return _tagged(raw, _ZSTD_GAPS, zstandard.compress(gaps.view(np.uint8).reshape(-1, 4).T.tobytes(), 1))
+
+
+def _hashes_from_gap_planes(coded: bytes) -> bytes:
+    planes = np.frombuffer(zstandard.decompress(coded), np.uint8).reshape(4, -1)
+    gaps = np.ascontiguousarray(planes.T).view("<u4").ravel()
+    return np.cumsum(gaps, dtype=np.uint32).astype("<u4").tobytes()
 
 
 def unpack_hashes(packed: bytes) -> bytes:
-    if not packed:
-        return b""
-    if packed[:1] == _RAW:
-        return packed[1:]
-    assert packed[:1] == _ZSTD_GAPS, "not made by pack_hashes"
-    planes = np.frombuffer(zstandard.decompress(packed[1:]), np.uint8).reshape(4, -1)
-    gaps = np.ascontiguousarray(planes.T).view("<u4").ravel()
-    return np.cumsum(gaps, dtype=np.uint32).astype("<u4").tobytes()
+    return _untagged(packed, _ZSTD_GAPS, _hashes_from_gap_planes)
 
 
 def pack_text(text: bytes) -> bytes:
@@ -477,19 +491,11 @@ def pack_text(text: bytes) -> bytes:
     scale benchmark's Python sources (levels 3 and 9: 0.530, 0.521, at 1.2x and 3x the time: measured);
     the sample travels once per candidate pair, so it was a third of the pair join's bytes. Lossless:
     C(x), C(xy) and the manifests are unchanged; ``unpack_text`` inverts it."""
-    if not text:
-        return b""
-    packed = zstandard.compress(text, 1)
-    return _ZSTD_TEXT + packed if len(packed) < len(text) else _RAW + text
+    return _tagged(text, _ZSTD_TEXT, zstandard.compress(text, 1)) if text else b""
 
 
 def unpack_text(packed: bytes) -> bytes:
-    if not packed:
-        return b""
-    if packed[:1] == _RAW:
-        return packed[1:]
-    assert packed[:1] == _ZSTD_TEXT, "not made by pack_text"
-    return zstandard.decompress(packed[1:])
+    return _untagged(packed, _ZSTD_TEXT, zstandard.decompress)
 
 
 def verification_bytes(sketch: DocSketch) -> int:
