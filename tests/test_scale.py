@@ -448,6 +448,62 @@ def test_document_numbers_are_finished_where_chunks_are_scored_in_bounded_memory
         AccumulateDocuments(0.2, max_open=0)
 
 
+def test_sketches_travel_to_the_writer_as_staged_references(tmp_path):
+    """A document's sketch goes to its bundle's staging file; the writer's group of documents carries the
+    facts without it (hashes, snippet) and a reference of three values, and the state rows read back equal
+    the sketch's fields, in the writer's order, whatever the batch. A cut staging file is a clear error."""
+    import dataclasses
+    import pickle
+
+    from lmc_audit.transforms.documents.document_facts import DocumentFacts
+    from lmc_audit.transforms.manifests.staging import StageSketches, read_staged_ranges, staging_folder
+    from lmc_audit.transforms.manifests.state import sketch_bytes, staged_sketch_row
+
+    rng = random.Random(1)
+    options = dedup.DedupOptions()
+    hasher = dedup.MinHasher(options.num_perm, options.seed)
+    words = [f"w{i}" for i in range(500)]
+    facts = []
+    for i in range(12):
+        text = "\n".join(" ".join(rng.choice(words) for _ in range(10)) for _ in range(rng.randrange(1, 400)))
+        sketch = dedup.make_sketch((0, i, f"d{i}"), "shard", text.encode(), options, hasher)
+        facts.append(DocumentFacts(sketch.key, "shard", sketch.bytes, f"c{i}", sketch.normalized_hash, text[:20],
+                                   None if i == 5 else sketch))
+    staging = "_staging/test-run"
+    fn = StageSketches(str(tmp_path), staging, lambda f: (0, f.key[1] % 2), sketch_bytes)
+    fn.setup()
+    out = []
+    for bundle in (facts[:7], facts[7:]):
+        fn.start_bundle()
+        for f in bundle:
+            out += list(fn.process(f))
+        fn.finish_bundle()
+    assert len(list((tmp_path / staging).iterdir())) == 2
+    for (part, (stripped, ref)), f in zip(out, facts):
+        assert part == (0, f.key[1] % 2) and stripped == dataclasses.replace(f, sketch=None)
+        assert (ref is None) == (f.sketch is None)
+        if f.sketch is not None:
+            assert len(pickle.dumps(ref)) < 100 < len(f.sketch.shingles)
+    wanted = [(stripped, ref) for _, (stripped, ref) in out if ref is not None]
+    rng.shuffle(wanted)
+    by_key = {f.key: f.sketch for f in facts}
+    for batch_bytes in (1, 20_000, 1 << 30):
+        rows = [staged_sketch_row(f, data)
+                for f, data in read_staged_ranges(*staging_folder(str(tmp_path), staging), wanted, batch_bytes)]
+        assert [(r["position"], r["doc_id"]) for r in rows] == [(f.key[1], f.key[2]) for f, _ in wanted]
+        for r in rows:
+            k = by_key[(0, r["position"], r["doc_id"])]
+            assert r == {"doc_id": k.key[2], "position": k.key[1], "shard": k.shard, "bytes": k.bytes,
+                         "normalized_hash": k.normalized_hash, "shingles": k.shingles, "signature": k.signature,
+                         "ncd_text": k.ncd_text, "lines": k.lines}
+    with pytest.raises(ValueError, match="staged sketch"):
+        staged_sketch_row(facts[0], sketch_bytes(facts[0].sketch)[:-1])
+    first = sorted((tmp_path / staging).iterdir())[0]
+    first.write_bytes(first.read_bytes()[:50])
+    with pytest.raises(OSError, match="staged data .* ends early"):
+        list(read_staged_ranges(*staging_folder(str(tmp_path), staging), wanted, 1 << 30))
+
+
 def test_payloads_travel_to_the_writer_as_staged_references(tmp_path):
     """A chunk's payload (its recipe once per file) goes to its bundle's staging file; what reaches the
     writer's group is a reference of five small values, and the writer reads the payloads back, in its own order, in batches
@@ -492,7 +548,7 @@ def test_payloads_travel_to_the_writer_as_staged_references(tmp_path):
         assert all(fields == ("model", recipes[row[1]], payloads[row[1]]) for row, fields in got)
     staged = sorted((tmp_path / staging).iterdir())[0]
     staged.write_bytes(staged.read_bytes()[:100])
-    with pytest.raises(OSError, match="staged payloads .* end early"):
+    with pytest.raises(OSError, match="staged data .* ends early"):
         list(staged_payloads(str(tmp_path), staging, wanted, 1 << 30))
     remove_staging(str(tmp_path), staging)
     assert not (tmp_path / "_staging").exists()

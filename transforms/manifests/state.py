@@ -9,6 +9,7 @@ the job is built, which shards to read, which to keep and which files go.
 from __future__ import annotations
 
 import json
+import struct
 from collections.abc import Iterator
 
 import apache_beam as beam
@@ -25,10 +26,30 @@ MANIFEST_DIRS = ("chunks", "documents", "shards", "dead_letter", "payloads", "du
 MARKER_BATCH = 1000  # commit markers read at once by --incremental
 
 
-def sketch_row(k: dedup.DocSketch) -> dict:
-    return {"doc_id": k.key[2], "position": k.key[1], "shard": k.shard, "bytes": k.bytes,
-            "normalized_hash": k.normalized_hash, "shingles": k.shingles, "signature": k.signature, "ncd_text": k.ncd_text,
-            "lines": k.lines}
+_BLOBS = struct.Struct("<4I")  # lengths of a staged sketch's shingles, signature, NCD sample and lines
+
+
+def sketch_bytes(k: dedup.DocSketch) -> bytes:
+    """A sketch's variable-length fields as one staged blob (``StageSketches``); its key, shard, size and
+    normalized hash travel in the document's facts."""
+    blobs = (k.shingles, k.signature, k.ncd_text, k.lines)
+    return _BLOBS.pack(*map(len, blobs)) + b"".join(blobs)
+
+
+def staged_sketch_row(facts, data: bytes) -> dict:
+    """The ``_state/sketches`` row of a document from its facts and its ``sketch_bytes``."""
+    lengths = _BLOBS.unpack_from(data)
+    if _BLOBS.size + sum(lengths) != len(data):
+        raise ValueError(f"lmc-audit: a staged sketch of {facts.key[2]!r} has {len(data)} bytes, its header says "
+                         f"{_BLOBS.size + sum(lengths)}")
+    blobs, at = [], _BLOBS.size
+    for n in lengths:
+        blobs.append(data[at:at + n])
+        at += n
+    shingles, signature, ncd_text, lines = blobs
+    return {"doc_id": facts.key[2], "position": facts.key[1], "shard": facts.shard, "bytes": facts.bytes,
+            "normalized_hash": facts.normalized_hash, "shingles": shingles, "signature": signature,
+            "ncd_text": ncd_text, "lines": lines}
 
 
 class _ReadSketches(beam.DoFn):

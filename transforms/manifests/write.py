@@ -14,7 +14,8 @@ sharding follows bundles). A part's chunks and its documents are two
 groups, each written by its own step (``WriteChunkFiles``,
 ``WriteDocumentFiles``). The groups carry no text and no payloads: chunks
 lose their bytes before them, payloads (the bulk of what is written) wait in
-staging files and travel as references (``staging``), per-token scores are
+staging files and travel as references (``staging``), as do the documents'
+dedup sketches (copied into ``_state/sketches``), per-token scores are
 bounded summaries, and each document's hashes and sketch were made while it
 was read. A shard's
 row is the merge of its parts' totals (``ShardTotals``); its commit marker is
@@ -39,9 +40,9 @@ from lmc_audit.transforms.manifests import schemas
 from lmc_audit.transforms.manifests.files import (EMPTY, ROW_GROUP_BYTES, SHARD_ROWS_PER_PART, list_files,
                                                   part_file_name, part_name, part_of, remove_file, shards_table_part,
                                                   shards_table_parts, write_rows)
-from lmc_audit.transforms.manifests.staging import (StagePayloads, new_staging_folder, read_staged, remove_staging,
-                                                    staging_folder)
-from lmc_audit.transforms.manifests.state import STATE_SKETCHES, sketch_row, write_commit_marker
+from lmc_audit.transforms.manifests.staging import (StagePayloads, StageSketches, new_staging_folder, read_staged,
+                                                    read_staged_ranges, remove_staging, staging_folder)
+from lmc_audit.transforms.manifests.state import STATE_SKETCHES, sketch_bytes, staged_sketch_row, write_commit_marker
 from lmc_audit.transforms.scoring import signals
 from lmc_audit.transforms.documents.document_facts import DocumentDescriber, DocumentFacts
 from lmc_audit.transforms.documents.document_stats import DocKey, DocumentStats, DocumentStatsFn, merge_into_first
@@ -266,6 +267,10 @@ def _payload_bytes(row: tuple) -> int:
     return len(row[-1])
 
 
+def _sketch_row_bytes(row: dict) -> int:
+    return len(row["shingles"]) + len(row["lines"])
+
+
 def dead_letter_row(d: DeadLetter) -> dict:
     return {"shard": d.shard, "position": d.position, "doc_id": d.doc_id, "reason": d.reason}
 
@@ -314,29 +319,34 @@ class WriteDocumentFiles(beam.DoFn):
     """Writes the document, dead-letter and sketch files of one part of a shard; yields (shard index,
     (part, shard, ``ShardTotals``)).
 
-    A document comes as its ``DocumentStatsFn`` numbers, its ``DocumentFacts`` (hashes, snippet, sketch,
-    made while it was read) and, with a reference model, its ``ReferenceBits``: a few hundred bytes each.
+    A document comes as its ``DocumentStatsFn`` numbers, its ``DocumentFacts`` (hashes, snippet, made while
+    it was read) with a reference to its staged sketch (``StageSketches``) and, with a reference model, its
+    ``ReferenceBits``: a few hundred bytes each. The sketches are read back a row group at a time.
     """
 
-    def __init__(self, output: str, signal_options: SignalOptions):
+    def __init__(self, output: str, signal_options: SignalOptions, staging: str):
         self._output = output
         self._signals = signal_options
+        self._staging = staging
+
+    def setup(self) -> None:
+        self._staged = staging_folder(self._output, self._staging)
 
     def process(self, element) -> Iterator[tuple[int, tuple[int, str, ShardTotals]]]:
         (index, part), grouped = element
         stats = sorted(grouped["documents"], key=lambda d: (d[0][1], d[0][2]))
         dead = sorted(grouped["dead_letter"], key=lambda d: (d.position, d.doc_id or "", d.reason))
-        facts = {(f.key[1], f.key[2]): f for f in grouped["facts"]}
+        facts = {(f.key[1], f.key[2]): (f, ref) for f, ref in grouped["facts"]}
         has_reference = "document_reference" in grouped
         document_references = {(k[1], k[2]): bits for k, bits in grouped.get("document_reference", ())}
         if not stats and not dead:
             return
-        shard = next(iter(facts.values())).shard if facts else dead[0].shard
+        shard = next(iter(facts.values()))[0].shard if facts else dead[0].shard
         totals = ShardTotals()
         docs = []
         for key, numbers in stats:
             reference = document_references.get((key[1], key[2]), ReferenceBits()) if has_reference else None
-            doc = document_row(key, shard, numbers, facts[(key[1], key[2])], self._signals, reference)
+            doc = document_row(key, shard, numbers, facts[(key[1], key[2])][0], self._signals, reference)
             totals.add_document(doc)
             docs.append(doc)
         totals.dead_letters = len(dead)
@@ -345,9 +355,11 @@ class WriteDocumentFiles(beam.DoFn):
             write_rows(self._output, "documents", name, docs, schemas.DOCUMENTS)
         if dead:
             write_rows(self._output, "dead_letter", name, [dead_letter_row(d) for d in dead], schemas.DEAD_LETTER)
-        sketches = [facts[(d["position"], d["doc_id"])].sketch for d in docs]
-        if sketches and sketches[0] is not None:
-            write_rows(self._output, STATE_SKETCHES, name, [sketch_row(k) for k in sketches], schemas.SKETCHES)
+        staged = [facts[(d["position"], d["doc_id"])] for d in docs]
+        if staged and staged[0][1] is not None:
+            sketches = read_staged_ranges(*self._staged, staged, ROW_GROUP_BYTES)
+            write_rows(self._output, STATE_SKETCHES, name, (staged_sketch_row(f, data) for f, data in sketches),
+                       schemas.SKETCHES, row_bytes=_sketch_row_bytes)
         yield index, (part, shard, totals)
 
 
@@ -534,7 +546,7 @@ class PartKeys:
         return self.part(d.shard_index, d.position, d.doc_id), d
 
     def facts(self, f: DocumentFacts):
-        return self.part(*f.key), f
+        return self.part(*f.key)
 
     def reference(self, s: ScoredChunk):
         c = s.chunk
@@ -604,7 +616,8 @@ class WriteManifests(beam.PTransform):
                           | "DocumentStats" >> DocumentStats(self._signals.k)
                           | "KeyDocumentsByPart" >> beam.Map(keys.document)),
             "dead_letter": dead_letters | "KeyDeadLetters" >> beam.Map(keys.dead_letter),
-            "facts": facts | "KeyFacts" >> beam.Map(keys.facts)}
+            "facts": facts | "StageSketches" >> beam.ParDo(
+                StageSketches(self._output, self._staging, keys.facts, sketch_bytes))}
         if reference:
             document_groups["document_reference"] = (reference[0]
                                                      | "KeyReferenceByDocument" >> beam.Map(_by_document)
@@ -613,7 +626,8 @@ class WriteManifests(beam.PTransform):
         chunk_parts = chunk_groups | "WriteChunkFiles" >> beam.ParDo(WriteChunkFiles(self._output, self._staging))
         document_parts = (document_groups
                           | "GroupDocumentsByPart" >> beam.CoGroupByKey()
-                          | "WriteDocumentFiles" >> beam.ParDo(WriteDocumentFiles(self._output, self._signals)))
+                          | "WriteDocumentFiles" >> beam.ParDo(
+                              WriteDocumentFiles(self._output, self._signals, self._staging)))
         written = (
             (chunk_parts, document_parts)
             | "AllParts" >> beam.Flatten()
