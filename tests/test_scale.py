@@ -470,7 +470,7 @@ def test_sketches_travel_to_the_writer_as_staged_references(tmp_path):
         facts.append(DocumentFacts(sketch.key, "shard", sketch.bytes, f"c{i}", sketch.normalized_hash, text[:20],
                                    None if i == 5 else sketch))
     staging = "_staging/test-run"
-    fn = StageSketches(str(tmp_path), staging, lambda f: (0, f.key[1] % 2), sketch_bytes)
+    fn = StageSketches(str(tmp_path), staging, lambda f: (0, f.key[1] % 2))
     fn.setup()
     out = []
     for bundle in (facts[:7], facts[7:]):

@@ -31,6 +31,7 @@ import fsspec
 from fsspec.utils import merge_offset_ranges
 
 from lmc_audit.transforms.documents.document_facts import DocumentFacts
+from lmc_audit.transforms.manifests.state import sketch_bytes
 from lmc_audit.transforms.records import ScoredChunk
 
 STAGING = "_staging"
@@ -55,18 +56,19 @@ class _BundleFile:
     def __init__(self, fs: fsspec.AbstractFileSystem, folder: str):
         self._fs, self._folder = fs, folder
         self._file = None
-        self.name = ""
+        self._name = ""
         self._offset = 0
 
-    def write(self, data: bytes) -> int:
-        """Appends ``data``; its offset in the file ``self.name``."""
+    def write(self, data: bytes) -> tuple[str, int]:
+        """Appends ``data``; (the file's name, ``data``'s offset in it). The name comes with the offset: the
+        file is named at its first write."""
         if self._file is None:
-            self.name = f"{uuid.uuid4().hex}.bin"
-            self._file = self._fs.open(f"{self._folder}/{self.name}", "wb")
+            self._name = f"{uuid.uuid4().hex}.bin"
+            self._file = self._fs.open(f"{self._folder}/{self._name}", "wb")
         at = self._offset
         self._file.write(data)
         self._offset += len(data)
-        return at
+        return self._name, at
 
     def close(self) -> None:
         if self._file is not None:
@@ -116,31 +118,31 @@ class StagePayloads(_StagingDoFn):
             method, recipe, data = payload
             if recipe not in self._recipes:
                 encoded = recipe.encode()
-                self._recipes[recipe] = (self._staged.write(encoded), len(encoded))
+                self._recipes[recipe] = (self._staged.write(encoded)[1], len(encoded))
             recipe_at, recipe_len = self._recipes[recipe]
-            payload = (method, (self._staged.name, recipe_at, recipe_len, self._staged.write(data), len(data)))
+            name, at = self._staged.write(data)
+            payload = (method, (name, recipe_at, recipe_len, at, len(data)))
         yield part, (row, payload)
 
 
 class StageSketches(_StagingDoFn):
     """A document's ``DocumentFacts`` in; ``(part, (facts without the sketch, ref | None))`` out, where ``ref``
-    is (file, offset, length) of the sketch's bytes (``state.sketch_bytes``) in this bundle's staging file.
+    is (file, offset, length) of the sketch's bytes (``sketch_bytes``) in this bundle's staging file.
 
     Why: the writer's group of a part's documents needs a document's hashes and snippet for its row, and
     its sketch only to copy into ``_state/sketches``. Carried through that group, the sketch (up to 64 Ki
     n-gram hashes a document: about 40 % of the text's bytes for short documents) was most of what the
     group moved and, on DirectRunner, held (21 of 22 MiB on the scale benchmark's large corpus)."""
 
-    def __init__(self, output: str, staging: str, facts_part, sketch_bytes):
+    def __init__(self, output: str, staging: str, facts_part):
         super().__init__(output, staging)
-        self._facts_part, self._sketch_bytes = facts_part, sketch_bytes
+        self._facts_part = facts_part
 
     def process(self, facts: DocumentFacts) -> Iterator:
         ref = None
         if facts.sketch is not None:
-            data = self._sketch_bytes(facts.sketch)
-            at = self._staged.write(data)  # first: the bundle's file is named when first written
-            ref = (self._staged.name, at, len(data))
+            data = sketch_bytes(facts.sketch)
+            ref = (*self._staged.write(data), len(data))
             facts = dataclasses.replace(facts, sketch=None)
         yield self._facts_part(facts), (facts, ref)
 

@@ -17,6 +17,7 @@ import fsspec
 import pyarrow.parquet as pq
 
 from lmc_audit.transforms.dedup import sketches as dedup
+from lmc_audit.transforms.documents.document_facts import DocumentFacts
 from lmc_audit.transforms.manifests import schemas
 from lmc_audit.transforms.manifests.files import shard_file_prefix, shard_part_name, write_bytes
 
@@ -36,7 +37,7 @@ def sketch_bytes(k: dedup.DocSketch) -> bytes:
     return _BLOBS.pack(*map(len, blobs)) + b"".join(blobs)
 
 
-def staged_sketch_row(facts, data: bytes) -> dict:
+def staged_sketch_row(facts: DocumentFacts, data: bytes) -> dict:
     """The ``_state/sketches`` row of a document from its facts and its ``sketch_bytes``."""
     lengths = _BLOBS.unpack_from(data)
     if _BLOBS.size + sum(lengths) != len(data):

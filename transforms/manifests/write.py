@@ -42,7 +42,7 @@ from lmc_audit.transforms.manifests.files import (EMPTY, ROW_GROUP_BYTES, SHARD_
                                                   shards_table_parts, write_rows)
 from lmc_audit.transforms.manifests.staging import (StagePayloads, StageSketches, new_staging_folder, read_staged,
                                                     read_staged_ranges, remove_staging, staging_folder)
-from lmc_audit.transforms.manifests.state import STATE_SKETCHES, sketch_bytes, staged_sketch_row, write_commit_marker
+from lmc_audit.transforms.manifests.state import STATE_SKETCHES, staged_sketch_row, write_commit_marker
 from lmc_audit.transforms.scoring import signals
 from lmc_audit.transforms.documents.document_facts import DocumentDescriber, DocumentFacts
 from lmc_audit.transforms.documents.document_stats import DocKey, DocumentStats, DocumentStatsFn, merge_into_first
@@ -617,7 +617,7 @@ class WriteManifests(beam.PTransform):
                           | "KeyDocumentsByPart" >> beam.Map(keys.document)),
             "dead_letter": dead_letters | "KeyDeadLetters" >> beam.Map(keys.dead_letter),
             "facts": facts | "StageSketches" >> beam.ParDo(
-                StageSketches(self._output, self._staging, keys.facts, sketch_bytes))}
+                StageSketches(self._output, self._staging, keys.facts))}
         if reference:
             document_groups["document_reference"] = (reference[0]
                                                      | "KeyReferenceByDocument" >> beam.Map(_by_document)
