@@ -196,6 +196,8 @@ def test_expected_bytes_speed_decoding_and_never_change_what_decodes(bundled_lm)
     # Every token still comes from the bitstream; right guesses cut the forwards several fold.
     assert hinted.stats.tokens == blind.stats.tokens == sum(map(len, datas))
     assert hinted.forwards * 5 < blind.forwards
+    # Rows with expected bytes leave the n-gram tables alone (a verifier's sample would fill them for nothing).
+    assert blind._guesser.counts and not hinted._guesser.counts and not hinted._guesser.latest
     edited = [datas[0][:700] + b"#" * 20 + datas[0][720:], b"another text altogether"]
     wrong = PayloadDecoder("bundled", "cpu")
     assert wrong.decode(payloads, expected=edited) == datas
