@@ -264,28 +264,56 @@ def ncd_study(model: str, copies: int, seed: int, workdir: Path) -> dict:
 
     docs, origin = build_corpus(60, copies, seed, licensed=30)
     n = DedupOptions().ncd_bytes
-    text = {k.key[2]: k.ncd_text for k in sketches_of(docs, DedupOptions())}  # what FindDuplicates compares
+    sketch = {k.key[2]: k for k in sketches_of(docs, DedupOptions())}
+    samples = {d: k.ncd_samples for d, k in sketch.items()}  # what FindDuplicates compares
     rng = random.Random(seed)
     pairs = [(origin[d["id"]], d["id"], d["kind"]) for d in docs if d["kind"] in KINDS]
     singles = sorted(origin[d["id"]] for d in docs if origin[d["id"]] == d["id"])
     for _ in range(200):
         a, b = rng.sample(singles, 2)
         pairs.append((a, b, "distinct"))
+    # distinct documents that begin with the same licence header: the head sample's hard case
+    licensed = [s for s in singles if s.startswith("licensed")]
+    for _ in range(40):
+        a, b = rng.sample(licensed, 2)
+        pairs.append((a, b, "distinct_licensed"))
     ids = sorted({x for a, b, _ in pairs for x in (a, b)})
     model_dir = resolve_model_dir(model)
-    pieces = [text[i] for i in ids] + [text[a] + text[b] for a, b, _ in pairs]
     start = time.perf_counter()
-    bits = chunk_bits(model_dir, pieces)
-    single = dict(zip(ids, bits[:len(ids)]))
-    by_kind: dict[str, list[float]] = {}
-    for (a, b, kind), cxy in zip(pairs, bits[len(ids):]):
-        by_kind.setdefault(kind, []).append(dedup.ncd(single[a], single[b], cxy))
-    distances = {}
-    for kind, values in by_kind.items():
+    bits: dict[tuple, dict[str, float]] = {p: {} for p in pairs}
+    for i, name in enumerate(dedup.NCD_SAMPLES):
+        pieces = [samples[d][i] for d in ids] + [samples[a][i] + samples[b][i] for a, b, _ in pairs]
+        scored = chunk_bits(model_dir, pieces)
+        single = dict(zip(ids, scored[:len(ids)]))
+        for (a, b, kind), cxy in zip(pairs, scored[len(ids):]):
+            bits[(a, b, kind)].update({f"x{i}": single[a], f"y{i}": single[b], f"xy{i}": cxy})
+    by_kind: dict[str, dict[str, list[float]]] = {}
+    for (a, b, kind), got in bits.items():
+        row = by_kind.setdefault(kind, {"pair": [], **{name: [] for name in dedup.NCD_SAMPLES}})
+        row["pair"].append(dedup.pair_ncd(got))
+        for i, name in enumerate(dedup.NCD_SAMPLES):
+            row[name].append(dedup.ncd(got[f"x{i}"], got[f"y{i}"], got[f"xy{i}"]))
+
+    def summary(values: list[float]) -> dict:
         v = sorted(values)
-        distances[kind] = {"pairs": len(v), "median": round(v[len(v) // 2], 3),
-                           "share_at_most_0.3": round(sum(x <= 0.3 for x in v) / len(v), 4),
-                           "share_at_least_0.8": round(sum(x >= 0.8 for x in v) / len(v), 4)}
+        return {"pairs": len(v), "median": round(v[len(v) // 2], 3),
+                "share_at_most_0.3": round(sum(x <= 0.3 for x in v) / len(v), 4),
+                "share_at_least_0.8": round(sum(x >= 0.8 for x in v) / len(v), 4)}
+
+    distances = {kind: summary(rows["pair"]) for kind, rows in by_kind.items()}  # the job's NCD: the smaller
+    per_sample = {name: {kind: summary(rows[name]) for kind, rows in by_kind.items()} for name in dedup.NCD_SAMPLES}
+    # Pair by pair, as VerifyPair decides: verified by a rule, or by NCD alone (guards and the containment
+    # floor applied) at a few thresholds; for distinct pairs every one so verified is a false merge.
+    thresholds = (0.3, 0.5, 0.6)
+    decided: dict[str, dict] = {}
+    for (a, b, kind), got in bits.items():
+        verdict = dedup.verify(sketch[a], sketch[b], DedupOptions())
+        row = decided.setdefault(kind, {"pairs": 0, "rules": 0, **{f"ncd_alone_at_{t}": 0 for t in thresholds}})
+        row["pairs"] += 1
+        row["rules"] += verdict.rule is not None
+        for t in thresholds:
+            row[f"ncd_alone_at_{t}"] += verdict.rule is None and dedup.ncd_rule(
+                dedup.pair_ncd(got), verdict, DedupOptions(ncd_threshold=t)) is not None
     ncd_seconds = time.perf_counter() - start
     recall = {}
     for name, scorer in (("rules_only", None), ("with_ncd", ScoreChunks(ModelOptions(model, "cpu", "float32")))):
@@ -303,6 +331,7 @@ def ncd_study(model: str, copies: int, seed: int, workdir: Path) -> dict:
         recall[name] = {"recall": {k: round(e["found"][k] / e["total"][k], 4) for k in KINDS},
                         "false_merge_pairs": e["false_merge_pairs"]}
     return {"model": model, "seed": seed, "copies_per_kind": copies, "ncd_bytes": n, "ncd": distances,
+            "ncd_per_sample": per_sample, "pairs_verified": decided,
             "ncd_seconds": round(ncd_seconds, 1), "find_duplicates": recall}
 
 

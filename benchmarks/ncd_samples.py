@@ -35,8 +35,8 @@ OPTIONS = dedup.DedupOptions()
 
 
 def by_line_key(text: str) -> bytes:
-    data = text.encode()
-    return dedup.ncd_text(data, unicodedata.normalize("NFKC", text).casefold(), OPTIONS)
+    folded = unicodedata.normalize("NFKC", text).casefold()
+    return dedup.ncd_text(dedup.head_text(" ".join(folded.split()), OPTIONS), folded, OPTIONS)
 
 
 def by_whole_line(text: str) -> bytes:

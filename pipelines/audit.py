@@ -154,14 +154,18 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--dedup-jaccard", type=float, default=dd.jaccard_threshold,
                    help=f"a candidate pair with n-gram Jaccard at least this is a duplicate (default {dd.jaccard_threshold})")
     d.add_argument("--dedup-ncd", type=float, default=dd.ncd_threshold,
-                   help=f"... or with the model's NCD of the documents' samples (--ncd-bytes) at most this (default {dd.ncd_threshold})")
+                   help=f"... or with the model's NCD of the documents' samples (--ncd-bytes; the smaller of two samples' "
+                        f"NCD) at most this, for a pair with the guards of the containment rule and n-gram containment "
+                        f"at least --dedup-ncd-min-containment (default {dd.ncd_threshold})")
     d.add_argument("--dedup-ncd-min-containment", type=float, default=dd.ncd_min_containment,
                    help="NCD is scored only for candidate pairs that another rule verified or whose n-gram "
-                        "containment is at least this: pairs that share a line or a band by chance cost no "
-                        f"forward; 0 scores every candidate (default {dd.ncd_min_containment})")
+                        "containment is at least this (and that the guards allow), and decides only for those: "
+                        "pairs that share a line, a band or a licence header and little else cost no forward "
+                        f"and are never merged by NCD; 0 scores every guarded candidate (default {dd.ncd_min_containment})")
     d.add_argument("--ncd-bytes", type=int, default=dd.ncd_bytes,
-                   help=f"bytes of each document NCD compares: lines sampled from the whole text by their hashes, "
-                        f"or the first bytes of a text with few lines (default {dd.ncd_bytes})")
+                   help=f"bytes of each of a document's two NCD samples: lines sampled from the whole text by their "
+                        f"hashes (or the first bytes of a text with few lines), and the first bytes of its words "
+                        f"(default {dd.ncd_bytes})")
     d.add_argument("--dedup-rounds", type=int, default=3,
                    help="clusters are connected components found in this many rounds of shuffles (large-star / "
                         "small-star); what has not settled after them is joined on one worker, so the result is "
@@ -388,9 +392,9 @@ def _fields_of(shard, args) -> str:
 
 
 # Raised when rows or incremental state change meaning for the same bytes and options (2: NCD samples in
-# sketches; 3: JSONL positions as byte offsets; 4: NCD samples' lines picked by their smallest bigram hash),
-# so that shards committed before are audited again.
-ROWS_FORMAT = 4
+# sketches; 3: JSONL positions as byte offsets; 4: NCD samples' lines picked by their smallest bigram hash;
+# 5: a second NCD sample, the text's head), so that shards committed before are audited again.
+ROWS_FORMAT = 5
 RESULT_OPTIONS = ("format", "text_field", "id_field", "split_bytes", "chunk_bytes", "dtype",
                   "length_granularity", "coding", "precision", "coding_scheme", "coding_rows", "coding_block", "min_k",
                   "reference_model", "flag_bpb_below", "flag_zlib_ratio_below", "flag_min_k_above",

@@ -115,12 +115,17 @@ def test_verification_rules_find_partial_and_shuffled_copies_but_not_shared_boil
     for a, b in [(licensed[0], licensed[1]), (licensed[1], licensed[2]), (licensed[0], licensed[2])]:
         v = dedup.verify(a, b, opts)
         assert v.rule is None and v.containment < 0.3, v
+        # Their heads are the same header, so NCD on the heads can be small: NCD alone never merges them.
+        assert a.ncd_head[:200] == b.ncd_head[:200]
+        assert dedup.verify(a, b, opts, distance=0.05).rule is None
+        assert dedup.verify(a, b, dataclasses.replace(opts, ncd_min_containment=0.0), distance=0.05).rule == "ncd"
     # A document that is little more than the header is contained in each of them, but too short
     # beside them to count: it cannot chain them into one cluster.
     header_only = _sketch("header", LICENCE + "See the documentation for more.")
     for other in licensed:
         v = dedup.verify(header_only, other, opts)
         assert v.containment > 0.9 and v.length_ratio < opts.min_length_ratio and v.rule is None
+        assert dedup.verify(header_only, other, opts, distance=0.05).rule is None  # guarded for NCD too
     # The same prefix with the guard turned off is a duplicate: the guard, not chance, decided.
     assert dedup.verify(header_only, licensed[0], DedupOptions(min_length_ratio=0.0)).rule == "containment"
 
@@ -134,33 +139,43 @@ def test_the_ncd_join_carries_a_checked_pair_not_the_sketches():
         NCD_PIECES, NCD_USES, CheckPair, VerifyPair, _concatenation)
 
     opts = DedupOptions()
-    long_text = " ".join(f"w{i} v{i % 97} u{i % 13}" for i in range(30_000))
+    long_text = "\n".join(" ".join(f"w{i} v{i % 97} u{i % 13}" for i in range(j, j + 4)) for j in range(0, 30_000, 4))
     a, b = _sketch("a", long_text), _sketch("b", long_text[:len(long_text) * 6 // 10])
     assert len(a.shingles) > 100_000  # the sketch holds tens of thousands of n-gram hashes
     (pid, checked), = list(CheckPair(opts).process((a, b)))
     assert checked.verdict == dedup.verify(a, b, opts) and checked.verdict.rule
-    # one piece to score, the pair's own x + y; C(x) and C(y) are scored once per document and sent here
-    piece, *uses = list(_concatenation(((a.key, a.ncd_text), (b.key, b.ncd_text))))
-    assert piece.tag == NCD_PIECES
-    assert piece.value.doc_id == f"{pid}:xy" and piece.value.data == a.ncd_text + b.ncd_text
+    # a piece per sample to score, the pair's own x + y; C(x) and C(y) are scored once per document
+    lines_piece, head_piece, *uses = list(_concatenation(((a.key, a.ncd_samples), (b.key, b.ncd_samples))))
+    assert lines_piece.tag == head_piece.tag == NCD_PIECES
+    assert lines_piece.value.doc_id == f"{pid}:xy0" and lines_piece.value.data == a.ncd_text + b.ncd_text
+    assert head_piece.value.doc_id == f"{pid}:xy1" and head_piece.value.data == a.ncd_head + b.ncd_head
     assert sorted(t.value[1] for t in uses if t.tag == NCD_USES) == [(pid, "x"), (pid, "y")]
-    assert list(_concatenation(((a.key, a.ncd_text), (b.key, b"")))) == []  # no sample, no NCD
+    only_head = list(_concatenation(((a.key, (a.ncd_text, a.ncd_head)), (b.key, (b"", b.ncd_head)))))
+    assert [t.value.doc_id for t in only_head if t.tag == NCD_PIECES] == [f"{pid}:xy1"]
+    assert list(_concatenation(((a.key, a.ncd_samples), (b.key, (b"", b""))))) == []  # no sample, no NCD
     assert len(pickle.dumps(checked)) < 1_000 < len(pickle.dumps((a, b))) // 100
-    distinct = _sketch("c", " ".join(f"z{i}" for i in range(5_000)))
-    (pid2, unrelated), = list(CheckPair(opts).process((a, distinct)))
-    assert unrelated.verdict.rule is None
+    words = long_text.split()
+    edited = _sketch("c", " ".join(f"e{i}" if i % 8 == 0 else w for i, w in enumerate(words)))  # 3 of 8 n-grams kept
+    (pid2, loose), = list(CheckPair(opts).process((a, edited)))
+    assert loose.verdict.rule is None and loose.verdict.containment >= opts.ncd_min_containment
     verify = VerifyPair(opts)
-    close = [("x", 100.0), ("y", 100.0), ("xy", 110.0)]  # NCD 0.1
-    far = [("x", 100.0), ("y", 100.0), ("xy", 195.0)]  # NCD 0.95
-    assert [e.rule for e in verify.process((pid2, {"pair": [unrelated], "scored": close}))] == ["ncd"]
-    assert list(verify.process((pid2, {"pair": [unrelated], "scored": far}))) == []
+    close = [("x0", 100.0), ("y0", 100.0), ("xy0", 110.0)]  # NCD 0.1
+    far = [("x0", 100.0), ("y0", 100.0), ("xy0", 195.0)]  # NCD 0.95
+    assert [e.rule for e in verify.process((pid2, {"pair": [loose], "scored": close}))] == ["ncd"]
+    assert list(verify.process((pid2, {"pair": [loose], "scored": far}))) == []
     (edge,) = verify.process((pid, {"pair": [checked], "scored": far}))
     assert edge.rule == checked.verdict.rule and edge.ncd == pytest.approx(0.95)
     assert (edge.a, edge.b, edge.a_info) == (a.key, b.key, (a.shard, a.normalized_hash))
+    # Two samples: the pair's NCD is the smaller of theirs, whichever sample gives it.
+    head_close = far + [("x1", 80.0), ("y1", 90.0), ("xy1", 98.0)]  # (98 - 80) / 90 = 0.2
+    (edge,) = verify.process((pid2, {"pair": [loose], "scored": head_close}))
+    assert edge.rule == "ncd" and edge.ncd == pytest.approx(0.2)
+    assert dedup.pair_ncd(dict(far + [("x1", 80.0), ("y1", 90.0)])) == pytest.approx(0.95)  # no xy1: lines only
+    assert dedup.pair_ncd({"x1": 80.0}) is None
 
 
 def test_ncd_is_scored_for_verified_or_overlapping_pairs_and_skipped_for_chance_ones():
-    """With NCD on, a checked pair also sends its x + y (and where C(x), C(y) go) when a rule verified it
+    """With NCD on, a checked pair also sends its x + y of each sample (and where C(x), C(y) go) when a rule verified it
     or its n-gram containment reaches ``ncd_min_containment``; a pair that shares little (a chance line)
     sends nothing to score and is counted; 0 scores every pair; without NCD nothing is sent."""
     from lmc_audit.transforms.dedup.find_duplicates import NCD_PIECES, NCD_USES, CheckPair
@@ -168,7 +183,7 @@ def test_ncd_is_scored_for_verified_or_overlapping_pairs_and_skipped_for_chance_
     texts = _texts()
     base = _sketch("base", texts[0])
     edited_words = texts[0].split(" ")
-    for i in range(0, len(edited_words), 7):  # every seventh word: 2 of 7 n-grams kept, too few for a rule
+    for i in range(0, len(edited_words), 8):  # every eighth word: 3 of 8 n-grams kept, too few for a rule
         edited_words[i] = f"edit{i}"
     edited = _sketch("edited", " ".join(edited_words))
     chance = _sketch("chance", texts[1])
@@ -180,11 +195,11 @@ def test_ncd_is_scored_for_verified_or_overlapping_pairs_and_skipped_for_chance_
 
     verdict, tags = outputs(base, edited, opts)
     assert verdict.rule is None and opts.ncd_min_containment <= verdict.containment < opts.containment_threshold
-    assert tags == [NCD_PIECES, NCD_USES, NCD_USES]
+    assert tags == [NCD_PIECES, NCD_PIECES, NCD_USES, NCD_USES]
     verdict, tags = outputs(base, chance, opts)
     assert verdict.rule is None and verdict.containment < opts.ncd_min_containment and tags == []
-    assert outputs(base, chance, DedupOptions(ncd_min_containment=0.0))[1] == [NCD_PIECES, NCD_USES, NCD_USES]
-    assert outputs(base, _sketch("copy", texts[0]), opts)[1] == [NCD_PIECES, NCD_USES, NCD_USES]  # verified
+    assert outputs(base, chance, DedupOptions(ncd_min_containment=0.0))[1] == [NCD_PIECES, NCD_PIECES, NCD_USES, NCD_USES]
+    assert outputs(base, _sketch("copy", texts[0]), opts)[1] == [NCD_PIECES, NCD_PIECES, NCD_USES, NCD_USES]  # verified
     assert outputs(base, edited, opts, ncd=False)[1] == []
     with pytest.raises(ValueError, match="ncd_min_containment"):
         DedupOptions(ncd_min_containment=1.5)
@@ -207,20 +222,23 @@ def test_a_pair_moves_its_smaller_sketch_once_and_a_document_its_own_once():
     other = (9, 9, "z")
     keyed = _keyed_for_verification(small, True)
     assert keyed[0] == small.key and keyed[1] == _verification_part(small, True)
-    assert _keyed_for_verification(small)[1][-1] == b""  # no NCD: no sample travels
+    assert _keyed_for_verification(small)[1][-1] == (b"", b"")  # no NCD: no sample travels
     out = list(_route_sketch((small.key, {"sketch": [keyed[1]], "as_sender": [(big.key, False), (other, True)],
                                           "as_receiver": [(7, 7, "y")]}), True))
     routed = [x for x in out if not hasattr(x, "tag")]
     sent = _verification_part(small, True)
     assert routed == [(big.key, (1, sent, False)), (other, (1, sent, True)), (small.key, (0, sent, None))]
-    # the bytes that travel are the n-gram and line hashes and the NCD sample, packed: nothing else
-    assert all(b"".join(x for x in part if isinstance(x, bytes)) == dedup.pack_hashes(small.shingles)
-               + dedup.pack_hashes(small.lines) + dedup.pack_text(small.ncd_text) for _, (_, part, _) in routed)
+    # the bytes that travel are the n-gram and line hashes and the NCD samples, packed: nothing else
+    assert all(b"".join(x for x in part[:-1] if isinstance(x, bytes)) + b"".join(part[-1])
+               == dedup.pack_hashes(small.shingles) + dedup.pack_hashes(small.lines)
+               + dedup.pack_text(small.ncd_text) + dedup.pack_text(small.ncd_head) for _, (_, part, _) in routed)
     assert len(dedup.pack_text(small.ncd_text)) < 0.8 * len(small.ncd_text)
     back = _from_verification_part(sent)
-    assert (back.shingles, back.lines, back.bytes, back.normalized_hash, back.ncd_text) == (
-        small.shingles, small.lines, small.bytes, small.normalized_hash, small.ncd_text)
-    assert [x.value.data for x in out if getattr(x, "tag", None) == NCD_CHUNKS] == [small.ncd_text]
+    assert (back.shingles, back.lines, back.bytes, back.normalized_hash, back.ncd_samples) == (
+        small.shingles, small.lines, small.bytes, small.normalized_hash, small.ncd_samples)
+    chunks = [x.value for x in out if getattr(x, "tag", None) == NCD_CHUNKS]
+    assert [c.data for c in chunks] == [small.ncd_text, small.ncd_head] and small.ncd_head
+    assert [c.doc_id.split(":")[1] for c in chunks] == ["x0", "x1"]
     assert list(_route_sketch((small.key, {"sketch": [keyed[1]], "as_sender": [], "as_receiver": []}), True)) == []
     # At the receiver the pair is put back in its own order: (first, second).
     meeting = (big.key, [(1, _verification_part(small), False), (0, _verification_part(big), None)])
@@ -244,6 +262,45 @@ def test_ncd_compares_lines_drawn_from_the_whole_text_so_a_shuffled_copy_gives_t
     whole = base.ncd_text.split(b"\n")
     shared = [line for line in cut if line in whole]
     assert len(shared) >= len(cut) // 2 and shared == [line for line in whole if line in shared]
+
+
+def test_the_head_sample_is_what_a_cut_or_rewrapped_copy_keeps_and_the_lines_sample_what_a_shuffled_one_keeps():
+    """The two NCD samples cover each other's misses: a 60% prefix and a re-wrapped copy (line breaks and
+    spaces moved) have their original's head but other lines; a copy with shuffled paragraphs has its
+    original's lines but another head. ``pair_ncd`` keeps the smaller of the two samples' NCDs."""
+    opts = DedupOptions()
+    text = _texts()[0]
+    base = _sketch("base", text)
+    rng = random.Random(5)
+    rewrapped = "".join(w + ("\n" if rng.random() < 0.1 else "  " if rng.random() < 0.2 else " ")
+                        for w in text.split())
+    cut, wrapped = _sketch("cut", text[:int(len(text) * 0.6)]), _sketch("wrapped", rewrapped)
+    shuffled = _sketch("shuffled", _shuffled(text, seed=3))
+    assert len(base.ncd_head) == opts.ncd_bytes and base.ncd_head == " ".join(text.casefold().split()).encode()[:1024]
+    assert cut.ncd_head == wrapped.ncd_head == base.ncd_head
+    assert cut.ncd_text != base.ncd_text and wrapped.ncd_text != base.ncd_text
+    assert shuffled.ncd_text == base.ncd_text and shuffled.ncd_head != base.ncd_head
+    normalized = _sketch("n", "Version 3.11, (c) 2001!", DedupOptions(normalize=("numbers", "punctuation")))
+    assert normalized.ncd_head == b"version 0 c 0"  # the words n-grams see
+    assert _sketch("empty", "  \n ").ncd_head == b""
+    # Prose without line breaks: the lines sample is the head sample, and NCD scores it once.
+    from lmc_audit.transforms.dedup.find_duplicates import (NCD_CHUNKS, NCD_PIECES, _concatenation,
+                                                            _route_sketch, _verification_part)
+
+    prose = [_sketch(f"p{i}", " ".join(text.split()[i * 50:])) for i in range(2)]
+    assert all(p.ncd_text == p.ncd_head and len(p.ncd_head) == opts.ncd_bytes for p in prose)
+    pieces = [t.value.doc_id.split(":")[1] for t in _concatenation(((prose[0].key, prose[0].ncd_samples),
+                                                                     (prose[1].key, prose[1].ncd_samples)))
+              if t.tag == NCD_PIECES]
+    assert pieces == ["xy0"]
+    routed = _route_sketch((prose[0].key, {"sketch": [_verification_part(prose[0], True)], "as_sender": [],
+                                           "as_receiver": [(7, 7, "y")]}), True)
+    assert [x.value.doc_id.split(":")[1] for x in routed if getattr(x, "tag", None) == NCD_CHUNKS] == ["x0"]
+    # one side few lines, the other many: both samples scored
+    pieces = [t.value.doc_id.split(":")[1] for t in _concatenation(((prose[0].key, prose[0].ncd_samples),
+                                                                     (base.key, base.ncd_samples)))
+              if t.tag == NCD_PIECES]
+    assert pieces == ["xy0", "xy1"]
 
 
 def test_an_edited_copy_samples_mostly_the_lines_its_original_samples():
@@ -391,14 +448,19 @@ def test_pipeline_finds_planted_duplicates_and_keeps_unrelated_apart(planted):
     assert rows["prefix3"]["rule"] in ("jaccard", "containment") and rows["prefix3"]["containment"] > 0.95
     assert rows["prefix3"]["length_ratio"] == pytest.approx(0.6, abs=0.02)
     assert rows["shuffled4"]["line_containment"] == 1.0 and rows["orig4"]["rule"] == "kept"
-    # NCD is the definition applied to the model's bits of the documents' NCD samples, each scored from BOS.
+    # NCD is the definition applied to the model's bits of the documents' NCD samples, each scored from BOS,
+    # the smaller of the two samples' (lines drawn from the whole text; the text's head).
     opts, docs = DedupOptions(), {d["id"]: d["text"] for d in planted_docs()}
     assert rows["ws0"]["ncd"] is None and rows["reflow2"]["ncd"] is None  # exact: no NCD forwards
     for orig, copy in (("orig1", "edit1"),):
-        x, y = _sketch(orig, docs[orig], opts).ncd_text, _sketch(copy, docs[copy], opts).ncd_text
-        assert x != docs[orig].encode()[:opts.ncd_bytes]  # lines drawn from the whole text, not its start
-        cx, cy, cxy = _bundled_bits(x), _bundled_bits(y), _bundled_bits(x + y)
-        assert rows[copy]["ncd"] == pytest.approx((cxy - min(cx, cy)) / max(cx, cy), rel=1e-4)
+        x, y = _sketch(orig, docs[orig], opts), _sketch(copy, docs[copy], opts)
+        assert x.ncd_text != docs[orig].encode()[:opts.ncd_bytes]  # lines drawn from the whole text, not its start
+        assert x.ncd_head == " ".join(docs[orig].casefold().split()).encode()[:opts.ncd_bytes]
+        each = []
+        for xs, ys in zip(x.ncd_samples, y.ncd_samples):
+            cx, cy, cxy = _bundled_bits(xs), _bundled_bits(ys), _bundled_bits(xs + ys)
+            each.append((cxy - min(cx, cy)) / max(cx, cy))
+        assert rows[copy]["ncd"] == pytest.approx(min(each), rel=1e-4)
     # The bundled model copies from its context: a copy's NCD is far below 1 (about 1 for a model that
     # cannot copy, as the bundled model up to 0.2.0), edited, cut and shuffled copies alike.
     assert all(rows[copy]["ncd"] < 0.3 for copy in ("edit1", "prefix3", "shuffled4")), rows

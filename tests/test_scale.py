@@ -9,6 +9,7 @@ import random
 import subprocess
 import sys
 import tracemalloc
+import unicodedata
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -48,14 +49,17 @@ def test_facts_from_pieces_equal_facts_of_the_whole_text(text, normalize):
         assert facts.sketch.lines == whole.lines
         assert facts.content_hash == content and facts.bytes == len(data)
         assert facts.sketch.ncd_text == whole.ncd_text
-    lines = [" ".join(dedup.simplify(line, normalize).split()) for line in whole.ncd_text.decode().split("\n")]
+        assert facts.sketch.ncd_head == whole.ncd_head == dedup.head_text(
+            unicodedata.normalize("NFKC", text).casefold(), opts)
     if len(whole.lines) // 4 > 100:  # sampled lines, each a line of the text, smallest keys first
+        lines = [" ".join(dedup.simplify(line, normalize).split())
+                 for line in whole.ncd_text.decode("utf-8", "ignore").split("\n")]
         assert len(whole.ncd_text) > opts.ncd_bytes // 2 and whole.ncd_text != data[:opts.ncd_bytes]
         assert all(line in " ".join(dedup.simplify(text.casefold(), normalize).split()) for line in lines)
         keys = [dedup.line_key(line.split()) for line in lines[:-1]]  # the last one may be cut
         assert keys == sorted(keys)
-    else:  # too few lines of min_line_words: the first ncd_bytes
-        assert whole.ncd_text == data[:opts.ncd_bytes]
+    else:  # too few lines of min_line_words: the head sample
+        assert whole.ncd_text == whole.ncd_head
 
 
 def test_lines_of_one_word_are_sampled_alike_streamed_or_whole():
@@ -495,7 +499,7 @@ def test_sketches_travel_to_the_writer_as_staged_references(tmp_path):
             k = by_key[(0, r["position"], r["doc_id"])]
             assert r == {"doc_id": k.key[2], "position": k.key[1], "shard": k.shard, "bytes": k.bytes,
                          "normalized_hash": k.normalized_hash, "shingles": k.shingles, "signature": k.signature,
-                         "ncd_text": k.ncd_text, "lines": k.lines}
+                         "ncd_text": k.ncd_text, "lines": k.lines, "ncd_head": k.ncd_head}
     with pytest.raises(ValueError, match="staged sketch"):
         staged_sketch_row(facts[0], sketch_bytes(facts[0].sketch)[:-1])
     first = sorted((tmp_path / staging).iterdir())[0]

@@ -20,8 +20,8 @@ from lmc_audit.transforms.dedup.sketches import DedupOptions, DocSketch, Edge
 from lmc_audit.transforms.records import Chunk, ScoredChunk
 
 NCD_SHARD = "<ncd>"
-NCD_CHUNKS = "ncd_chunks"  # each paired document's own sample, for NCD to score
-NCD_PIECES = "ncd_pieces"  # a checked pair's x + y, for NCD to score
+NCD_CHUNKS = "ncd_chunks"  # each paired document's own samples, for NCD to score
+NCD_PIECES = "ncd_pieces"  # a checked pair's x + y per sample, for NCD to score
 NCD_USES = "ncd_uses"  # (document, (pair, role)): where a document's C(x) goes
 
 
@@ -61,10 +61,10 @@ class PairBuckets(beam.DoFn):
 _OWN, _SENT = 0, 1  # what a document's group at a meeting holds: its own part, or one its pair sent
 
 # What verification compares, as a plain tuple (Beam's coder writes it without pickling a class):
-# (key, shard, bytes, normalized hash, n-gram hashes, line hashes, NCD sample), the hashes packed
+# (key, shard, bytes, normalized hash, n-gram hashes, line hashes, NCD samples), the hashes packed
 # (``dedup.pack_hashes``: a fifth to a quarter fewer bytes through both groupings of the pair join) and
-# the NCD sample too (``dedup.pack_text``: about half), the sample empty when the job scores no NCD.
-VerificationPart = tuple[dedup.DocKey, str, int, str, bytes, bytes, bytes]
+# the NCD samples too (``dedup.pack_text``: about half), the samples empty when the job scores no NCD.
+VerificationPart = tuple[dedup.DocKey, str, int, str, bytes, bytes, tuple[bytes, bytes]]
 
 
 def _keyed_for_verification(sketch: DocSketch, ncd: bool = False) -> tuple[dedup.DocKey, VerificationPart]:
@@ -74,14 +74,15 @@ def _keyed_for_verification(sketch: DocSketch, ncd: bool = False) -> tuple[dedup
 
 
 def _verification_part(s: DocSketch, ncd: bool = False) -> VerificationPart:
+    samples = (dedup.pack_text(s.ncd_text), dedup.pack_text(s.ncd_head)) if ncd else (b"", b"")
     return (s.key, s.shard, s.bytes, s.normalized_hash, dedup.pack_hashes(s.shingles), dedup.pack_hashes(s.lines),
-            dedup.pack_text(s.ncd_text) if ncd else b"")
+            samples)
 
 
 def _from_verification_part(part: VerificationPart) -> DocSketch:
-    key, shard, size, normalized, shingles, lines, ncd_text = part
+    key, shard, size, normalized, shingles, lines, (ncd_text, ncd_head) = part
     return DocSketch(key, shard, size, normalized, dedup.unpack_hashes(shingles), b"", dedup.unpack_text(ncd_text),
-                     dedup.unpack_hashes(lines))
+                     dedup.unpack_hashes(lines), dedup.unpack_text(ncd_head))
 
 
 def _orient(pair: tuple[dedup.SizedKey, dedup.SizedKey]) -> tuple[dedup.DocKey, dedup.DocKey, bool]:
@@ -97,9 +98,9 @@ def _route_sketch(element, ncd: bool = False):
     Each pair meets at its receiver, the document with the larger sketch: the sender's verification
     part goes there once per pair, the receiver's own once per document, so one grouping gives both
     halves of every pair and the bytes that cross it are, per pair, the smaller sketch's. With ``ncd``
-    the part carries the NCD sample, and a document in any pair sends its sample to be scored once
-    (``NCD_CHUNKS``): C(x) is a document's own number, the same in every pair it is in (only C(xy) is
-    the pair's)."""
+    the part carries the NCD samples, and a document in any pair sends each sample to be scored once
+    (``NCD_CHUNKS``, roles ``x0`` and ``x1`` in the order of ``dedup.NCD_SAMPLES``): C(x) is a
+    document's own number, the same in every pair it is in (only C(xy) is the pair's)."""
     key, grouped = element
     for part in grouped["sketch"]:  # exactly one
         paired = False
@@ -109,8 +110,11 @@ def _route_sketch(element, ncd: bool = False):
         if any(True for _ in grouped["as_receiver"]):
             paired = True
             yield key, (_OWN, part, None)
-        if ncd and paired and part[-1]:
-            yield beam.pvalue.TaggedOutput(NCD_CHUNKS, _ncd_chunk(f"{_doc_ref(key)}:x", dedup.unpack_text(part[-1])))
+        if ncd and paired:
+            for i, sample in enumerate(part[-1]):
+                if sample and not (i and sample == part[-1][0]):  # a sample equal to the first: scored once
+                    yield beam.pvalue.TaggedOutput(NCD_CHUNKS, _ncd_chunk(f"{_doc_ref(key)}:x{i}",
+                                                                          dedup.unpack_text(sample)))
 
 
 def _pairs_at_receiver(element) -> Iterator[tuple[DocSketch, DocSketch]]:
@@ -144,10 +148,11 @@ class CheckPair(beam.DoFn):
     """A candidate pair's two sketches in; the pair, checked against every rule but NCD's, out,
     and with ``ncd`` its x + y to score (``NCD_PIECES``) and where C(x) and C(y) go (``NCD_USES``).
 
-    NCD is scored for a pair that a rule verified (the manifest's ``ncd`` column) or whose n-gram
-    containment is at least ``ncd_min_containment``; the others, which share a line or a band by chance
-    and little else (1,701 of 9,346 candidates on the scale benchmark's corpus of Python sources, whose
-    files share many n-grams), cost no forward and are counted (``dedup_ncd_pairs_skipped``)."""
+    NCD is scored for a pair that a rule verified (the manifest's ``ncd`` column) or that NCD's rule could
+    verify (``dedup.ncd_rule``: guarded, n-gram containment at least ``ncd_min_containment``); the
+    others, which share a line, a band or a header and little else (1,701 of 9,346 candidates on the
+    scale benchmark's corpus of Python sources at containment 0.1, before NCD took the texts' heads),
+    cost no forward and are counted (``dedup_ncd_pairs_skipped``)."""
 
     def __init__(self, options: DedupOptions, ncd: bool = False):
         self._options, self._ncd = options, ncd
@@ -162,35 +167,43 @@ class CheckPair(beam.DoFn):
                                                   (b.shard, b.normalized_hash), verdict)
         if not self._ncd:
             return
-        if verdict.rule is None and verdict.containment < self._options.ncd_min_containment:
+        if verdict.rule is None and (not verdict.guarded or verdict.containment < self._options.ncd_min_containment):
             self._skipped.inc()
             return
-        yield from _concatenation(((a.key, a.ncd_text), (b.key, b.ncd_text)))
+        yield from _concatenation(((a.key, a.ncd_samples), (b.key, b.ncd_samples)))
 
 
-def _concatenation(texts: tuple[tuple[dedup.DocKey, bytes], tuple[dedup.DocKey, bytes]]):
-    """A pair's NCD samples in; x + y to score (``NCD_PIECES``), and where its documents' own C(x) and C(y)
-    are to go (``NCD_USES``), out. A pair with an empty sample has no NCD."""
-    (a, x), (b, y) = texts
-    if x and y:
-        pid = _pair_id(a, b)
-        yield beam.pvalue.TaggedOutput(NCD_PIECES, _ncd_chunk(f"{pid}:xy", x + y))
+def _concatenation(samples: tuple[tuple[dedup.DocKey, tuple[bytes, ...]], tuple[dedup.DocKey, tuple[bytes, ...]]]):
+    """A pair's NCD samples in; x + y of each sample to score (``NCD_PIECES``, roles ``xy0``, ``xy1``), and
+    where its documents' own C(x) and C(y) are to go (``NCD_USES``), out. A sample empty on either side
+    gives no NCD of its own, and neither does one equal to the first on both sides (a text with few
+    lines, whose lines sample is its head: the same NCD); a pair with none has no NCD."""
+    (a, xs), (b, ys) = samples
+    pid = _pair_id(a, b)
+    scored = False
+    for i, (x, y) in enumerate(zip(xs, ys)):
+        if x and y and not (i and (x, y) == (xs[0], ys[0])):
+            scored = True
+            yield beam.pvalue.TaggedOutput(NCD_PIECES, _ncd_chunk(f"{pid}:xy{i}", x + y))
+    if scored:
         yield beam.pvalue.TaggedOutput(NCD_USES, (_doc_ref(a), (pid, "x")))
         yield beam.pvalue.TaggedOutput(NCD_USES, (_doc_ref(b), (pid, "y")))
 
 
 def _key_by_owner(s: ScoredChunk) -> tuple[str, tuple[str, float | None]]:
-    """A scored NCD piece keyed by what it belongs to: a pair (``xy``) or a document (``x``)."""
+    """A scored NCD piece keyed by what it belongs to: a pair (``xy0``, ``xy1``) or a document (``x0``, ``x1``)."""
     owner, role = s.chunk.doc_id.split(":")
     return owner, (role, s.bits)
 
 
 def _bits_to_pairs(element) -> Iterator[tuple[str, tuple[str, float | None]]]:
-    """A document's C(x) out to every pair it is in, as that pair's ``x`` or ``y``."""
+    """A document's C(x) of each sample out to every pair it is in, as that pair's ``x0``, ``x1`` or ``y0``,
+    ``y1``."""
     _, grouped = element
-    bits = next((b for role, b in grouped["scored"] if role == "x"), None)
+    bits = [(role[1:], b) for role, b in grouped["scored"]]  # (sample index, bits)
     for pid, role in grouped["uses"]:
-        yield pid, (role, bits)
+        for i, b in bits:
+            yield pid, (f"{role}{i}", b)
 
 
 class VerifyPair(beam.DoFn):
@@ -204,10 +217,10 @@ class VerifyPair(beam.DoFn):
         Progress.add("dedup", items=1)
         _, grouped = element
         bits = dict(grouped["scored"])
-        distance = dedup.ncd(bits.get("x"), bits.get("y"), bits.get("xy"))
+        distance = dedup.pair_ncd(bits)
         for p in grouped["pair"]:
             v = p.verdict
-            rule = v.rule or dedup.ncd_rule(distance, self._options)
+            rule = v.rule or dedup.ncd_rule(distance, v, self._options)
             if rule is not None:
                 self._verified.inc()
                 yield Edge(p.a, p.b, v.jaccard, distance, p.a_info, p.b_info, v.containment, v.line_containment,
@@ -287,7 +300,7 @@ class FindDuplicates(beam.PTransform):
             pair_bits, doc_bits = (pieces
                                    | "ScoreConcatenations" >> self._score
                                    | "KeyByOwner" >> beam.Map(_key_by_owner)
-                                   | "PairsOrDocuments" >> beam.Partition(lambda kv, n: int(kv[1][0] == "x"), 2))
+                                   | "PairsOrDocuments" >> beam.Partition(lambda kv, n: int(not kv[1][0].startswith("xy")), 2))
             singles = ({"scored": doc_bits, "uses": checked[NCD_USES]}
                        | "JoinDocumentBits" >> beam.CoGroupByKey()
                        | "BitsToPairs" >> beam.FlatMap(_bits_to_pairs))

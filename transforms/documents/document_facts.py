@@ -18,7 +18,9 @@ later stage joins a document's bytes back together, whatever its size.
   ``SHINGLE_CAP`` smallest distinct n-gram hashes (all of them for documents
   below the cap; above it, a bottom-k sketch from which ``dedup.overlap``
   estimates the similarity); line hashes likewise, a line's hash built word
-  by word so that a line may span pieces (``LINE_CAP`` smallest kept).
+  by word so that a line may span pieces (``LINE_CAP`` smallest kept); the two
+  NCD samples: the lines with the smallest keys (``dedup.LineSample``) and the
+  first ``ncd_bytes`` of the words (``dedup.head_text``).
 
 A piece is processed up to the start of its last whitespace run: the run and
 the word after it wait for the next piece, so a word or a line break is never
@@ -88,6 +90,7 @@ class DocumentDescriber:
         self._line_hashes: list[int] = []
         self._lines = np.zeros(0, np.uint32)
         self._sample = dedup.LineSample(dedup_options.ncd_bytes) if dedup_options else None
+        self._words_head = b""  # dedup.head_text, streamed
         self._done = False
 
     def update(self, data: bytes) -> None:
@@ -132,8 +135,8 @@ class DocumentDescriber:
             signature = self._signature if self._signature is not None else self._hasher.signature(
                 np.zeros(0, np.uint32))
             sketch = DocSketch(self._key, self._shard, self._bytes, self._normalized.hexdigest(),
-                               self._shingles.tobytes(), signature.tobytes(), self._sample.text(self._head),
-                               self._lines.tobytes())
+                               self._shingles.tobytes(), signature.tobytes(), self._sample.text(self._words_head),
+                               self._lines.tobytes(), self._words_head)
         return DocumentFacts(self._key, self._shard, self._bytes, self._content.hexdigest(),
                              self._normalized.hexdigest(), snippet(self._head), sketch)
 
@@ -172,6 +175,10 @@ class DocumentDescriber:
                 self._add_line_words(dedup.simplify(line, normalize).split() if normalize else line.split())
         if not gram_words:
             return
+        cap = self._options.ncd_bytes
+        if len(self._words_head) < cap:  # words are at least a byte each: no more than cap of them needed
+            sep = b" " if self._words_head else b""
+            self._words_head = (self._words_head + sep + " ".join(gram_words[:cap]).encode())[:cap]
         self._gram_words += len(gram_words)
         n = self._options.ngram
         full = self._tail + gram_words

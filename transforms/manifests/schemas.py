@@ -134,6 +134,7 @@ SKETCHES = pa.schema([
     pa.field("signature", pa.binary(), nullable=False),
     pa.field("ncd_text", pa.binary(), nullable=False),
     pa.field("lines", pa.binary(), nullable=False),
+    pa.field("ncd_head", pa.binary(), nullable=False),
 ])
 
 MANIFESTS = {

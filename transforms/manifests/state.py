@@ -27,13 +27,13 @@ MANIFEST_DIRS = ("chunks", "documents", "shards", "dead_letter", "payloads", "du
 MARKER_BATCH = 1000  # commit markers read at once by --incremental
 
 
-_BLOBS = struct.Struct("<4I")  # lengths of a staged sketch's shingles, signature, NCD sample and lines
+_BLOBS = struct.Struct("<5I")  # lengths of a staged sketch's shingles, signature, NCD samples and lines
 
 
 def sketch_bytes(k: dedup.DocSketch) -> bytes:
     """A sketch's variable-length fields as one staged blob (``StageSketches``); its key, shard, size and
     normalized hash travel in the document's facts."""
-    blobs = (k.shingles, k.signature, k.ncd_text, k.lines)
+    blobs = (k.shingles, k.signature, k.ncd_text, k.lines, k.ncd_head)
     return _BLOBS.pack(*map(len, blobs)) + b"".join(blobs)
 
 
@@ -47,10 +47,10 @@ def staged_sketch_row(facts: DocumentFacts, data: bytes) -> dict:
     for n in lengths:
         blobs.append(data[at:at + n])
         at += n
-    shingles, signature, ncd_text, lines = blobs
+    shingles, signature, ncd_text, lines, ncd_head = blobs
     return {"doc_id": facts.key[2], "position": facts.key[1], "shard": facts.shard, "bytes": facts.bytes,
             "normalized_hash": facts.normalized_hash, "shingles": shingles, "signature": signature,
-            "ncd_text": ncd_text, "lines": lines}
+            "ncd_text": ncd_text, "lines": lines, "ncd_head": ncd_head}
 
 
 class _ReadSketches(beam.DoFn):
@@ -66,7 +66,8 @@ class _ReadSketches(beam.DoFn):
                 rows = pq.read_table(f, schema=schemas.SKETCHES).to_pylist()
             for r in rows:
                 yield dedup.DocSketch((index, r["position"], r["doc_id"]), r["shard"], r["bytes"],
-                                      r["normalized_hash"], r["shingles"], r["signature"], r["ncd_text"], r["lines"])
+                                      r["normalized_hash"], r["shingles"], r["signature"], r["ncd_text"], r["lines"],
+                                      r["ncd_head"])
 
 
 class LoadCommittedSketches(beam.PTransform):
