@@ -95,7 +95,7 @@ class DocumentDescriber:
 
     def update(self, data: bytes) -> None:
         assert not self._done, "update after finish"
-        want = max(4 * SNIPPET_CHARS, self._options.ncd_bytes if self._options else 0)
+        want = 4 * SNIPPET_CHARS  # the snippet's bytes (the NCD samples take the words, not these)
         if len(self._head) < want:
             self._head += data[:want - len(self._head)]
         self._bytes += len(data)
