@@ -28,8 +28,9 @@ Methods:
 
 - ``lmc_audit``: ``FindDuplicates`` (the job's own transform, on Beam's
   DirectRunner, from sketches made by the job's ``DocumentDescriber``) with
-  its default options; NCD is off (the bundled model does not copy: issue 14
-  part 2), so only the n-gram and line rules decide;
+  its default options; no model is given (scoring every candidate pair's NCD
+  at this size would take hours on a CPU; ``--ncd`` measures it on a smaller
+  corpus), so only the n-gram and line rules decide;
 - ``lmc_audit_14x8``: the same with datatrove's banding, 14 bands x 8 rows;
 - ``lmc_audit_no_lines``: the same without line-hash candidates;
 - ``lmc_audit_datatrove_norm``: the default with ``normalize=("punctuation", "numbers")``;
@@ -302,18 +303,24 @@ def ncd_study(model: str, copies: int, seed: int, workdir: Path) -> dict:
 
     distances = {kind: summary(rows["pair"]) for kind, rows in by_kind.items()}  # the job's NCD: the smaller
     per_sample = {name: {kind: summary(rows[name]) for kind, rows in by_kind.items()} for name in dedup.NCD_SAMPLES}
-    # Pair by pair, as VerifyPair decides: verified by a rule, or by NCD alone (guards and the containment
-    # floor applied) at a few thresholds; for distinct pairs every one so verified is a false merge.
+    # Pair by pair, as VerifyPair decides: verified by a rule, or by NCD alone (the lines samples' NCD, both
+    # drawn from lines; guards and the containment floor applied) at a few thresholds; for distinct pairs
+    # every one so verified is a false merge. Beside it, what the smaller of both samples' NCDs would verify
+    # (the rule up to 0.3.0's second sample, which merged distinct files made from one template:
+    # benchmarks/ncd_templated.py).
     thresholds = (0.3, 0.5, 0.6)
     decided: dict[str, dict] = {}
     for (a, b, kind), got in bits.items():
         verdict = dedup.verify(sketch[a], sketch[b], DedupOptions())
-        row = decided.setdefault(kind, {"pairs": 0, "rules": 0, **{f"ncd_alone_at_{t}": 0 for t in thresholds}})
+        row = decided.setdefault(kind, {"pairs": 0, "rules": 0, **{f"ncd_alone_at_{t}": 0 for t in thresholds},
+                                        **{f"smaller_of_both_at_{t}": 0 for t in thresholds}})
         row["pairs"] += 1
         row["rules"] += verdict.rule is not None
         for t in thresholds:
-            row[f"ncd_alone_at_{t}"] += verdict.rule is None and dedup.ncd_rule(
-                dedup.pair_ncd(got), verdict, DedupOptions(ncd_threshold=t)) is not None
+            options = DedupOptions(ncd_threshold=t)
+            row[f"ncd_alone_at_{t}"] += dedup.verify(sketch[a], sketch[b], options, dedup.rule_ncd(got)).rule == "ncd"
+            row[f"smaller_of_both_at_{t}"] += verdict.rule is None and dedup.ncd_rule(
+                dedup.pair_ncd(got), verdict, options) is not None
     ncd_seconds = time.perf_counter() - start
     recall = {}
     for name, scorer in (("rules_only", None), ("with_ncd", ScoreChunks(ModelOptions(model, "cpu", "float32")))):

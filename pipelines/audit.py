@@ -154,9 +154,11 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--dedup-jaccard", type=float, default=dd.jaccard_threshold,
                    help=f"a candidate pair with n-gram Jaccard at least this is a duplicate (default {dd.jaccard_threshold})")
     d.add_argument("--dedup-ncd", type=float, default=dd.ncd_threshold,
-                   help=f"... or with the model's NCD of the documents' samples (--ncd-bytes; the smaller of two samples' "
-                        f"NCD) at most this, for a pair with the guards of the containment rule and n-gram containment "
-                        f"at least --dedup-ncd-min-containment (default {dd.ncd_threshold})")
+                   help=f"... or with the model's NCD of the documents' lines samples (--ncd-bytes; drawn from each "
+                        f"whole text, never the heads: distinct documents that begin alike have close heads; the "
+                        f"manifest records the smaller of both samples' NCD) at most this, for a pair with the guards of "
+                        f"the containment rule and n-gram containment at least --dedup-ncd-min-containment "
+                        f"(default {dd.ncd_threshold})")
     d.add_argument("--dedup-ncd-min-containment", type=float, default=dd.ncd_min_containment,
                    help="NCD is scored only for candidate pairs that another rule verified or whose n-gram "
                         "containment is at least this (and that the guards allow), and decides only for those: "

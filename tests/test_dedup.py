@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import itertools
 import json
 import random
 from pathlib import Path
@@ -154,10 +155,12 @@ def test_the_ncd_join_carries_a_checked_pair_not_the_sketches():
     assert [t.value.doc_id for t in only_head if t.tag == NCD_PIECES] == [f"{pid}:xy1"]
     assert list(_concatenation(((a.key, a.ncd_samples), (b.key, (b"", b""))))) == []  # no sample, no NCD
     assert len(pickle.dumps(checked)) < 1_000 < len(pickle.dumps((a, b))) // 100
-    words = long_text.split()
-    edited = _sketch("c", " ".join(f"e{i}" if i % 8 == 0 else w for i, w in enumerate(words)))  # 3 of 8 n-grams kept
-    (pid2, loose), = list(CheckPair(opts).process((a, edited)))
+    count = itertools.count()
+    edited = _sketch("c", "\n".join(" ".join(f"e{i}" if (i := next(count)) % 8 == 0 else w for w in line.split())
+                                     for line in long_text.split("\n")))  # 3 of 8 n-grams kept, lines kept
+    (pid2, loose), *_ = list(CheckPair(opts, ncd=True).process((a, edited)))
     assert loose.verdict.rule is None and loose.verdict.containment >= opts.ncd_min_containment
+    assert loose.ncd_decides and not checked.ncd_decides  # without NCD scored, nothing for NCD to decide
     verify = VerifyPair(opts)
     close = [("x0", 100.0), ("y0", 100.0), ("xy0", 110.0)]  # NCD 0.1
     far = [("x0", 100.0), ("y0", 100.0), ("xy0", 195.0)]  # NCD 0.95
@@ -166,10 +169,15 @@ def test_the_ncd_join_carries_a_checked_pair_not_the_sketches():
     (edge,) = verify.process((pid, {"pair": [checked], "scored": far}))
     assert edge.rule == checked.verdict.rule and edge.ncd == pytest.approx(0.95)
     assert (edge.a, edge.b, edge.a_info) == (a.key, b.key, (a.shard, a.normalized_hash))
-    # Two samples: the pair's NCD is the smaller of theirs, whichever sample gives it.
+    # Two samples: the manifest's NCD is the smaller of theirs, whichever sample gives it; the rule reads
+    # the lines samples' alone, so heads that are close (a shared header) verify nothing.
     head_close = far + [("x1", 80.0), ("y1", 90.0), ("xy1", 98.0)]  # (98 - 80) / 90 = 0.2
-    (edge,) = verify.process((pid2, {"pair": [loose], "scored": head_close}))
-    assert edge.rule == "ncd" and edge.ncd == pytest.approx(0.2)
+    assert dedup.pair_ncd(dict(head_close)) == pytest.approx(0.2) and dedup.rule_ncd(dict(head_close)) == 0.95
+    assert list(verify.process((pid2, {"pair": [loose], "scored": head_close}))) == []
+    (edge,) = verify.process((pid2, {"pair": [loose], "scored": close + [("x1", 80.0), ("y1", 90.0), ("xy1", 85.0)]}))
+    assert edge.rule == "ncd" and edge.ncd == pytest.approx(5 / 90)  # verified by the lines, the heads' recorded
+    (edge,) = verify.process((pid, {"pair": [checked], "scored": head_close}))  # another rule: NCD recorded
+    assert edge.rule == checked.verdict.rule and edge.ncd == pytest.approx(0.2)
     assert dedup.pair_ncd(dict(far + [("x1", 80.0), ("y1", 90.0)])) == pytest.approx(0.95)  # no xy1: lines only
     assert dedup.pair_ncd({"x1": 80.0}) is None
 
@@ -201,6 +209,16 @@ def test_ncd_is_scored_for_verified_or_overlapping_pairs_and_skipped_for_chance_
     assert outputs(base, chance, DedupOptions(ncd_min_containment=0.0))[1] == [NCD_PIECES, NCD_PIECES, NCD_USES, NCD_USES]
     assert outputs(base, _sketch("copy", texts[0]), opts)[1] == [NCD_PIECES, NCD_PIECES, NCD_USES, NCD_USES]  # verified
     assert outputs(base, edited, opts, ncd=False)[1] == []
+    # A document whose lines are few takes its head for its lines sample: NCD could only compare heads,
+    # so it cannot verify the pair and scores nothing unless another rule verified it.
+    prose = _sketch("prose", " ".join(texts[0].split()))
+    assert not dedup.lines_drawn(prose) and dedup.lines_drawn(base)
+    verdict, tags = outputs(prose, edited, opts)
+    assert verdict.rule is None and verdict.guarded and verdict.containment >= opts.ncd_min_containment
+    assert tags == []
+    assert dedup.verify(prose, edited, opts, distance=0.0).rule is None
+    assert outputs(prose, base, opts)[0].rule is not None  # verified by a rule: its NCD is still scored
+    assert outputs(prose, base, opts)[1] == [NCD_PIECES, NCD_PIECES, NCD_USES, NCD_USES]
     with pytest.raises(ValueError, match="ncd_min_containment"):
         DedupOptions(ncd_min_containment=1.5)
 

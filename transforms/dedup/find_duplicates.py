@@ -142,6 +142,7 @@ class CheckedPair:
     a_info: tuple[str, str]  # (shard, normalized hash)
     b_info: tuple[str, str]
     verdict: dedup.Verdict  # every rule but NCD's
+    ncd_decides: bool = False  # both lines samples drawn from the whole text (``dedup.lines_drawn``)
 
 
 class CheckPair(beam.DoFn):
@@ -149,10 +150,10 @@ class CheckPair(beam.DoFn):
     and with ``ncd`` its x + y to score (``NCD_PIECES``) and where C(x) and C(y) go (``NCD_USES``).
 
     NCD is scored for a pair that a rule verified (the manifest's ``ncd`` column) or that NCD's rule could
-    verify (``dedup.ncd_rule``: guarded, n-gram containment at least ``ncd_min_containment``); the
-    others, which share a line, a band or a header and little else (1,701 of 9,346 candidates on the
-    scale benchmark's corpus of Python sources at containment 0.1, before NCD took the texts' heads),
-    cost no forward and are counted (``dedup_ncd_pairs_skipped``)."""
+    verify (``dedup.ncd_rule``: guarded, n-gram containment at least ``ncd_min_containment``, both lines
+    samples drawn from the whole text); the others, which share a line, a band or a header and little
+    else (1,701 of 9,346 candidates on the scale benchmark's corpus of Python sources at containment
+    0.1, before NCD took the texts' heads), cost no forward and are counted (``dedup_ncd_pairs_skipped``)."""
 
     def __init__(self, options: DedupOptions, ncd: bool = False):
         self._options, self._ncd = options, ncd
@@ -163,11 +164,13 @@ class CheckPair(beam.DoFn):
         a, b = pair
         self._pairs.inc()
         verdict = dedup.verify(a, b, self._options)
+        decides = self._ncd and dedup.lines_drawn(a) and dedup.lines_drawn(b)
         yield _pair_id(a.key, b.key), CheckedPair(a.key, b.key, (a.shard, a.normalized_hash),
-                                                  (b.shard, b.normalized_hash), verdict)
+                                                  (b.shard, b.normalized_hash), verdict, decides)
         if not self._ncd:
             return
-        if verdict.rule is None and (not verdict.guarded or verdict.containment < self._options.ncd_min_containment):
+        if verdict.rule is None and (not decides or not verdict.guarded
+                                     or verdict.containment < self._options.ncd_min_containment):
             self._skipped.inc()
             return
         yield from _concatenation(((a.key, a.ncd_samples), (b.key, b.ncd_samples)))
@@ -207,7 +210,8 @@ def _bits_to_pairs(element) -> Iterator[tuple[str, tuple[str, float | None]]]:
 
 
 class VerifyPair(beam.DoFn):
-    """A checked pair and its NCD bits in; an ``Edge`` out when a rule holds (NCD's is the last one)."""
+    """A checked pair and its NCD bits in; an ``Edge`` out when a rule holds (NCD's is the last one: it reads
+    the lines samples' NCD, ``dedup.rule_ncd``; the edge records the smaller of both samples', ``pair_ncd``)."""
 
     def __init__(self, options: DedupOptions):
         self._options = options
@@ -220,7 +224,7 @@ class VerifyPair(beam.DoFn):
         distance = dedup.pair_ncd(bits)
         for p in grouped["pair"]:
             v = p.verdict
-            rule = v.rule or dedup.ncd_rule(distance, v, self._options)
+            rule = v.rule or (dedup.ncd_rule(dedup.rule_ncd(bits), v, self._options) if p.ncd_decides else None)
             if rule is not None:
                 self._verified.inc()
                 yield Edge(p.a, p.b, v.jaccard, distance, p.a_info, p.b_info, v.containment, v.line_containment,
