@@ -120,7 +120,7 @@ def main(argv: list[str] | None = None) -> dict:
     seconds = time.perf_counter() - start
     rows = []
     for (a, b, facts), got in zip(pairs, bits):
-        drawn = dedup.lines_drawn(sketches[a]) and dedup.lines_drawn(sketches[b])
+        drawn = dedup.ncd_may_decide(sketches[a], sketches[b])
         rows.append({"a": names[a], "b": names[b], **facts, "lines_drawn": drawn,
                      **{f"ncd_{name}": round(dedup.ncd(got[f"x{s}"], got[f"y{s}"], got[f"xy{s}"]), 4)
                         for s, name in enumerate(dedup.NCD_SAMPLES)},

@@ -142,7 +142,7 @@ class CheckedPair:
     a_info: tuple[str, str]  # (shard, normalized hash)
     b_info: tuple[str, str]
     verdict: dedup.Verdict  # every rule but NCD's
-    ncd_decides: bool = False  # both lines samples drawn from the whole text (``dedup.lines_drawn``)
+    ncd_decides: bool = False  # both lines samples drawn from the whole text (``dedup.ncd_may_decide``)
 
 
 class CheckPair(beam.DoFn):
@@ -164,7 +164,7 @@ class CheckPair(beam.DoFn):
         a, b = pair
         self._pairs.inc()
         verdict = dedup.verify(a, b, self._options)
-        decides = self._ncd and dedup.lines_drawn(a) and dedup.lines_drawn(b)
+        decides = self._ncd and dedup.ncd_may_decide(a, b)
         yield _pair_id(a.key, b.key), CheckedPair(a.key, b.key, (a.shard, a.normalized_hash),
                                                   (b.shard, b.normalized_hash), verdict, decides)
         if not self._ncd:

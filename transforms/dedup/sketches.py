@@ -44,7 +44,7 @@ Chain (README, "Duplicates"):
      and C(xy) once per pair, for a pair that another rule verified (its
      NCD is recorded) or that NCD may verify: guarded (below), with
      n-gram containment at least ``ncd_min_containment`` and both lines
-     samples drawn from lines (``ncd_rule``, ``lines_drawn``). A
+     samples drawn from lines (``ncd_rule``, ``ncd_may_decide``). A
      pair that shares one line, band or header and little else costs no
      forward and is never merged by NCD (a copy at NCD 0.3 keeps far more of
      its n-grams than 0.3: 15% word edits keep about 0.44; two documents
@@ -327,6 +327,12 @@ def lines_drawn(sketch: DocSketch) -> bool:
     return bool(sketch.ncd_text) and sketch.ncd_text != sketch.ncd_head
 
 
+def ncd_may_decide(a: DocSketch, b: DocSketch) -> bool:
+    """Whether NCD's rule may verify the pair: both lines samples drawn from lines, so that ``rule_ncd``
+    compares what the texts hold, not two heads."""
+    return lines_drawn(a) and lines_drawn(b)
+
+
 def rule_ncd(bits: dict[str, float | None]) -> float | None:
     """The NCD that NCD's rule reads: the lines samples' (``x0``, ``y0``, ``xy0``), drawn from each whole
     text, never the heads'.
@@ -469,7 +475,7 @@ class Verdict:
 def verify(a: DocSketch, b: DocSketch, options: DedupOptions, distance: float | None = None) -> Verdict:
     """The rules of this module's docstring, step 4, in order; ``distance`` is the lines samples' NCD
     (``rule_ncd``), which NCD's rule reads only when both documents' lines samples were drawn from their
-    lines (``lines_drawn``)."""
+    lines (``ncd_may_decide``)."""
     grams = shingle_overlap(a, b)
     lines = overlap(np.frombuffer(a.lines, np.uint32), np.frombuffer(b.lines, np.uint32), LINE_CAP)
     ratio = min(a.bytes, b.bytes) / max(a.bytes, b.bytes) if max(a.bytes, b.bytes) else 1.0
@@ -484,7 +490,7 @@ def verify(a: DocSketch, b: DocSketch, options: DedupOptions, distance: float | 
           and line_share >= options.line_containment and grams.containment >= options.line_ngram_floor):
         rule = "lines"
     verdict = Verdict(grams.jaccard, grams.containment, line_share, ratio, rule, guarded)
-    if rule or not (lines_drawn(a) and lines_drawn(b)):
+    if rule or not ncd_may_decide(a, b):
         return verdict
     return dataclasses.replace(verdict, rule=ncd_rule(distance, verdict, options))
 
@@ -493,7 +499,7 @@ def ncd_rule(distance: float | None, verdict: Verdict, options: DedupOptions) ->
     """The last rule, alone: "ncd" when ``distance``, the lines samples' NCD (``rule_ncd``), is at most
     ``ncd_threshold``, for a pair that the guards allow (as the containment and line rules) and whose
     n-gram containment is at least ``ncd_min_containment`` (``verify`` and ``CheckPair`` also need both
-    lines samples drawn from the whole text, ``lines_drawn``).
+    lines samples drawn from the whole text, ``ncd_may_decide``).
 
     Not the heads' NCD: two distinct documents that begin with the same licence header, or were made
     from one template, are close in their heads (the dedup benchmark's 560-byte header: median 0.48;
