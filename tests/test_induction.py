@@ -97,6 +97,37 @@ def test_grown_model_copies_a_repeated_text_that_the_base_model_does_not(grown):
     assert _bits(grown, rows).item() < 1.1 * _bits(old, rows).item()
 
 
+def test_a_vetoing_match_head_stops_copying_at_the_first_wrong_byte():
+    """A copy with a word put in: the byte just read is not the one the original had there. A plain match
+    head still scores the original's next key (25 of 26 ages match) and predicts the byte after it; a
+    vetoing head (the byte before the key must be the byte just read) rests on BOS instead. Where the
+    copy agrees with the original the veto adds nothing: both heads copy alike."""
+    stream = _sample_stream()
+    plain = grow(BASE_MODEL, stream, scratch=122, widen=3, matches=((20.0, 50.0),))
+    vetoing = grow(BASE_MODEL, stream, scratch=158, widen=3, matches=((20.0, 50.0, 8.0),))
+    x = (SAMPLE / "library__code.txt").read_bytes()[:700]
+    cut = x.index(b" ", 500) + 1  # a word's first byte
+    y = x[:cut] + b"Zebra " + x[cut:]
+    start = len(x) + 2  # the copy's first byte in the row (after BOS and the blank line)
+    rows = torch.tensor([[BOS_ID, *(x + b"\n\n" + y)]])
+
+    def log2p(model) -> torch.Tensor:  # [position, byte]: log2 p(next byte = byte | bytes up to position)
+        with torch.no_grad():
+            return torch.log_softmax(model(input_ids=rows).logits[0].float(), dim=-1) / math.log(2)
+
+    lp_plain, lp_veto = log2p(plain), log2p(vetoing)
+    z = start + cut  # row index of 'Z' (BOS is index 0, so the copy's byte i sits at start + 1 + i)
+    assert rows[0, z + 1] == ord("Z")
+    # having read 'Z' where the original has x[cut]: the plain head predicts x[cut + 1], the veto does not
+    after = x[cut + 1]
+    assert lp_plain[z + 1, after] - lp_veto[z + 1, after] > 4.0, (lp_plain[z + 1, after], lp_veto[z + 1, after])
+    # in the copy's agreeing stretch before the edit both predict the original's bytes alike
+    idx = torch.arange(start + 100, start + cut)
+    targets = rows[0, idx + 1]
+    agree_plain, agree_veto = lp_plain[idx, targets].mean().item(), lp_veto[idx, targets].mean().item()
+    assert agree_plain > -1.0 and abs(agree_plain - agree_veto) < 0.25, (agree_plain, agree_veto)
+
+
 def test_freezing_the_circuit_holds_exactly_what_was_built(grown):
     """``circuit_entries`` masks the circuit and the old weights' scratch entries, and nothing of the old
     model: with every masked entry zeroed the grown model predicts as the base model does. Held

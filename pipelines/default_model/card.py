@@ -107,7 +107,7 @@ def recipe(training: dict) -> list[str]:
     grown = next((b["grown"] for b in chain if "grown" in b), None)
     if grown:
         lines.append(f"{module}.induction --model-dir BASE --out GROWN " + " ".join(
-            f"--{k} {v}" for k, v in grown.items()))
+            f"--{k.replace('_', '-')} {v}" for k, v in grown.items()))
     for run in chain[1:]:
         lr = run["optimizer"].split(" lr ")[1].split()[0]
         warmup = run["optimizer"].split("warmup ")[1].split()[0]
@@ -115,7 +115,8 @@ def recipe(training: dict) -> list[str]:
                      f"--lr {lr} --warmup-steps {warmup} --copy-fraction {run.get('copy_fraction', 0)} "
                      f"--random-share {run.get('random_share', 0)}"
                      + (" --freeze-circuit" if run.get("freeze_circuit") else "")
-                     + (" --long-fraction 0" if "last 0%" in run.get("schedule", "") else ""))
+                     + (" --long-fraction 0" if "last 0%" in run.get("schedule", "") else "")
+                     + (" --precision fp32" if run.get("precision") == "fp32" else ""))
     r = training.get("recalibrated")
     stored = training.get("stored", "float32").split()[0]
     if r:
