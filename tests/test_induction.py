@@ -97,6 +97,29 @@ def test_grown_model_copies_a_repeated_text_that_the_base_model_does_not(grown):
     assert _bits(grown, rows).item() < 1.1 * _bits(old, rows).item()
 
 
+def test_the_cards_recipe_is_what_the_scripts_accept():
+    """Every command of a model card's recipe parses with its script's own parser, and says what the
+    record holds: here a vetoing circuit fine-tuned in fp32."""
+    import shlex
+
+    from lmc_audit.pipelines.default_model import induction, train
+    from lmc_audit.pipelines.default_model.card import recipe
+
+    record = json.loads((ASSETS / "model" / "training.json").read_text())
+    record["precision"] = "fp32"
+    record["continued_from"]["grown"].update(scratch=158, matches="20:50:8,12:30:8", veto_dims=18)
+    parsers = {"train": train.build_parser(), "induction": induction.build_parser()}
+    parsed = []
+    for line in recipe(record):
+        words = shlex.split(line.split("#")[0])
+        parsed.append(parsers[words[2].rsplit(".", 1)[1]].parse_args(words[3:]))
+    grown = next(a for a in parsed if getattr(a, "matches", None) and a.recalibrate is None)
+    assert (grown.scratch, grown.matches, grown.veto_dims) == (158, "20:50:8,12:30:8", 18)
+    tuned = next(a for a in parsed if getattr(a, "init_from", None))
+    assert tuned.precision == "fp32" and tuned.freeze_circuit
+    assert parsed[0].precision == "bf16"  # the base model's own run
+
+
 def test_a_vetoing_match_head_stops_copying_at_the_first_wrong_byte():
     """A copy with a word put in: the byte just read is not the one the original had there. A plain match
     head still scores the original's next key (25 of 26 ages match) and predicts the byte after it; a

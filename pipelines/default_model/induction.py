@@ -448,7 +448,7 @@ def _rows(stream: np.ndarray, rng: np.random.Generator, n: int, length: int) -> 
     return rows
 
 
-def main(argv: list[str] | None = None) -> None:
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model-dir", type=Path, required=True,
                    help="the model to grow; with --recalibrate, the fine-tune of a grown model")
@@ -471,7 +471,11 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
                    help="how the weights are stored (the pipeline computes in float32 either way; "
                         "the bundled model is stored in bfloat16)")
-    args = p.parse_args(argv)
+    return p
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
     files = list_source_files(args.docs_root)
     train, _ = load_stream([f for f in files if not f.held_out])
     held, _ = load_stream([f for f in files if f.held_out])

@@ -147,7 +147,7 @@ def restore_entries(held: list[tuple]) -> None:
             p[mask] = values
 
 
-def main(argv: list[str] | None = None) -> None:
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--docs-root", type=Path, default=DOCS_ROOT)
     p.add_argument("--out", type=Path, required=True)
@@ -177,7 +177,11 @@ def main(argv: list[str] | None = None) -> None:
                         "On a CPU without native bfloat16 (no avx512_bf16 or amx_bf16) autocast is emulated: "
                         "a step took 10x as long as in fp32 on such a 2-core AMD EPYC (43 s vs 4.2 s, 2 x 1,025 bytes), "
                         "and a wall-clock budget then buys a tenth of the steps")
-    args = p.parse_args(argv)
+    return p
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
     if args.precision == "bf16" and not native_bf16():
         print("warning: this CPU has no native bfloat16 (avx512_bf16 / amx_bf16): bf16 autocast is emulated, about "
               "10x slower per step; the --minutes budget buys that many fewer steps (--precision fp32 avoids it)",
