@@ -278,8 +278,9 @@ def grow(model_dir: Path, stream: np.ndarray, *, scratch: int = 62, offsets=OFFS
         thr_coords = [c for p in range(nd // 2 - n_thr, nd // 2) for c in (p, nd // 2 + p)]
         planes = list(range(nd // 2 - n_thr - acc // 2, nd // 2 - n_thr))
         dims = [p for p in planes] + [nd // 2 + p for p in planes]
-        # the veto's planes: the next slower ones below A's (at 2,048 positions they turn by at most
-        # 1.2 radians at widen 3: the veto weakens, never flips, within a document pair's samples)
+        # the veto's planes: the next slower ones below A's (with widen 3 and an accumulator of 112, as
+        # in the vetoed circuit measured, they turn by at most 1.2 radians over 2,048 positions: the
+        # veto weakens with distance, never flips, within a document pair's NCD samples)
         v_planes = list(range(planes[0] - vd // 2, planes[0]))
         v_dims = v_planes + [nd // 2 + p for p in v_planes]
         assert not v_planes or v_planes[0] >= 0
