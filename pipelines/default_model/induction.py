@@ -70,6 +70,11 @@ MATCHES = ((20.0, 30.0), (12.0, 8.0))  # (tau, alpha[, veto]) of the last layer'
 VETO_DIMS = 18  # dimensions of the veto's byte codes (Q and E each), when a match head vetoes
 
 
+def vetoes(matches) -> bool:
+    """Whether some match head (tau, alpha[, veto]) vetoes, and so the circuit needs the veto's codes."""
+    return any(len(m) > 2 and m[2] > 0 for m in matches)
+
+
 def positional_biases(delta: int, theta: float, half: int, horizon: int = 4096) -> tuple[np.ndarray, float]:
     """Weights w over RoPE's planes so that q = b_q, k = b_k (biases only) score offset ``delta`` above
     every other offset up to ``horizon``: maximize the margin t with sum_i w_i (1 - cos(e f_i)) >= t for
@@ -163,7 +168,7 @@ def grow(model_dir: Path, stream: np.ndarray, *, scratch: int = 62, offsets=OFFS
         heads_of.append(made)
     ages_all = sorted(a for ages in groups for a in ages)
     assert ages_all == list(range(len(ages_all))), f"offsets {offsets} must cover ages 0..K-1 once each"
-    vd = veto_dims if any(len(m) > 2 and m[2] > 0 for m in matches) else 0
+    vd = veto_dims if vetoes(matches) else 0
     acc = scratch - 1 - len(groups) - 2 * vd
     one, bos = d0 + acc, d0 + acc + 1
     chan = [one] + [d0 + acc + 1 + c for c in range(1, len(groups))]
@@ -493,7 +498,7 @@ def main(argv: list[str] | None = None) -> None:
     base = json.loads((args.model_dir / "training.json").read_text())
     record = dict(base)
     record["grown"] = {k: getattr(args, k) for k in ("scratch", "widen", "beta", "matches", "energy", "seed")}
-    if any(len(m) > 2 and m[2] > 0 for m in matches):
+    if vetoes(matches):
         record["grown"]["veto_dims"] = args.veto_dims
     save(model, record, args.out, args.dtype)
 
