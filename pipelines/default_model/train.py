@@ -106,13 +106,15 @@ def sample_batch(stream: np.ndarray, starts: np.ndarray, batch: int, seq: int,
 
 
 @torch.no_grad()
-def held_out_bpb(model, stream: np.ndarray, seq: int, max_rows: int = 16) -> float:
+def held_out_bpb(model, stream: np.ndarray, seq: int, max_rows: int = 16, bf16: bool = False) -> float:
+    """Bits per byte over the first ``max_rows`` rows of ``seq`` bytes: a quick measure for logs. float32 by
+    default, as the card measures; ``bf16`` autocasts as a bf16 training step does."""
     model.eval()
     n = min(max_rows, len(stream) // (seq - 1))
     rows = torch.full((n, seq), BOS_ID, dtype=torch.long)
     for i in range(n):
         rows[i, 1:] = torch.from_numpy(stream[i * (seq - 1):(i + 1) * (seq - 1)].astype(np.int64))
-    with torch.autocast("cpu", dtype=torch.bfloat16):
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
         logits = model(input_ids=rows).logits.float()
     logp = torch.log_softmax(logits[:, :-1], dim=-1)
     nll = -logp.gather(-1, rows[:, 1:, None]).mean().item()
@@ -245,7 +247,7 @@ def main(argv: list[str] | None = None) -> None:
             elapsed = time.time() - t0
             msg = f"step {step} seq {seq} lr {lr:.2e} train bpb {loss.item() / math.log(2):.3f} tokens {tokens:,} {tokens / elapsed:.0f} tok/s"
             if step % 250 == 0:
-                msg += f" held-out bpb {held_out_bpb(model, held_stream, 1025):.3f}"
+                msg += f" held-out bpb {held_out_bpb(model, held_stream, 1025, bf16=args.precision == 'bf16'):.3f}"
             if step % 100 == 0:
                 msg += f" copy ratio {copy_ratio(model, held_stream):.3f}"
             print(msg, flush=True)
