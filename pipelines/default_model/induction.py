@@ -57,6 +57,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -70,7 +71,7 @@ MATCHES = ((20.0, 30.0), (12.0, 8.0))  # (tau, alpha[, veto]) of the last layer'
 VETO_DIMS = 18  # dimensions of the veto's byte codes (Q and E each), when a match head vetoes
 
 
-def vetoes(matches) -> bool:
+def vetoes(matches: Iterable[Sequence[float]]) -> bool:
     """Whether some match head (tau, alpha[, veto]) vetoes, and so the circuit needs the veto's codes."""
     return any(len(m) > 2 and m[2] > 0 for m in matches)
 
@@ -122,9 +123,9 @@ def _phase_codes(n: int, acc: int, rng: np.random.Generator) -> np.ndarray:
     return codes / math.sqrt(acc // 2)
 
 
-def grow(model_dir: Path, stream: np.ndarray, *, scratch: int = 62, offsets=OFFSETS, matches=MATCHES,
-         widen: int = 2, beta: float = 1.5, margin_logits: float = 20.0, energy: float = 0.02, seed: int = 0,
-         veto_dims: int = VETO_DIMS):
+def grow(model_dir: Path, stream: np.ndarray, *, scratch: int = 62, offsets: Sequence[Sequence[int]] = OFFSETS,
+         matches: Sequence[Sequence[float]] = MATCHES, widen: int = 2, beta: float = 1.5,
+         margin_logits: float = 20.0, energy: float = 0.02, seed: int = 0, veto_dims: int = VETO_DIMS):
     """The model in ``model_dir`` with the copying circuit added (see the module's docstring).
 
     offsets: per layer below the last, the distances its previous-byte heads look back; matches:
