@@ -235,3 +235,33 @@ def test_the_bundled_model_copies_a_sample_document_as_its_card_says():
         bits = chunk_bits(model_dir, xs + [x + x for x in xs])
         ratios = [double / single for single, double in zip(bits[:2], bits[2:])]
         assert all(low < r < high for r in ratios), (model_dir, ratios)
+
+
+def test_the_bundled_model_stops_copying_at_an_edit_where_0_3_0s_went_on():
+    """Since 0.4.0 the shipped model's match heads veto: in a copy with a word put in, having read the
+    word's first byte where the original has another, it no longer predicts the original's next byte,
+    where 0.3.0's model (no veto; kept in the repository for decoding its payloads) still does. Both copy
+    the agreeing stretch before the edit at a fraction of a bit per byte."""
+    from transformers import LlamaForCausalLM
+
+    from lmc_audit.transforms.scoring.model_loading import bundled_model_dir
+
+    record = json.loads((Path(bundled_model_dir()) / "training.json").read_text())
+    assert record["continued_from"]["grown"]["veto_dims"] > 0
+    models = {name: LlamaForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+              for name, path in (("bundled", bundled_model_dir()), ("0.3.0", ASSETS / "model_0.3.0"))}
+    for name in ("library__code.txt", "howto__sorting.txt"):
+        x = (SAMPLE / name).read_bytes()[:700]
+        cut = x.index(b" ", 500) + 1
+        y = x[:cut] + b"Zebra " + x[cut:]
+        start = len(x) + 2
+        rows = torch.tensor([[BOS_ID, *(x + b"\n\n" + y)]])
+        z, after = start + cut, x[cut + 1]  # row index of 'Z'; the original's byte after the replaced one
+        agreeing = torch.arange(start + 100, start + cut)
+        lp = {}
+        for label, model in models.items():
+            with torch.no_grad():
+                lp[label] = torch.log_softmax(model(input_ids=rows).logits[0].float(), dim=-1) / math.log(2)
+            assert lp[label][agreeing, rows[0, agreeing + 1]].mean() > -0.2, (name, label)
+        assert lp["bundled"][z + 1, after] < -3.0 < -1.0 < lp["0.3.0"][z + 1, after], (
+            name, lp["bundled"][z + 1, after], lp["0.3.0"][z + 1, after])

@@ -177,6 +177,9 @@ def main(argv: list[str] | None = None) -> None:
           for b in _chain(t)[1:]],
         *[f"- copying circuit written into the weights by `python -m lmc_audit.pipelines.default_model.induction` "
           f"({json.dumps(b['grown'])}): previous-byte heads and match heads added to every layer"
+          + ("; the match heads veto: a key whose previous byte is not the byte just read loses the veto's "
+             "bytes of score (`--matches TAU:ALPHA:VETO`), so a copy stops at the first byte where it departs "
+             "from its original" if b["grown"].get("veto_dims") else "")
           for b in _chain(t) if "grown" in b][:1],
         *["- fine-tuned with the circuit frozen (`train.py --freeze-circuit`): the circuit's weights and the old "
           "weights' entries on its dimensions held at their built values, the old weights trained around it"
