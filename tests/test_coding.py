@@ -22,7 +22,7 @@ from lmc_audit.transforms.coding.decoding import PayloadDecoder, selected_for_ve
 from lmc_audit.transforms.scoring.model_handler import CausalLMHandler, CodingOptions, load_causal_lm
 from lmc_audit.transforms.scoring.model_loading import model_fingerprint, resolve_model_dir
 from lmc_audit.transforms.coding.payloads import HEADER_BYTES, PayloadError, Recipe, pack, unpack
-from lmc_audit.transforms.coding.replay_check import compare_replay
+from lmc_audit.transforms.coding.replay_check import check_replay, compare_replay
 from lmc_audit.transforms.records import Chunk, TokenizedChunk
 from lmc_audit.transforms.scoring.tokenization import ChunkTokenizer, padded_length
 
@@ -85,19 +85,38 @@ def bundled_lm():
     return load_causal_lm("bundled", "cpu", "float32")
 
 
+def _replays_exactly_here(lm) -> bool:
+    """The job's own load-time check on this CPU. Where it passes, the shape rule must hold beyond the
+    check's sample (the grid below); where it fails (a 2-core Intel Xeon with AMX differed by ~1e-5 for
+    every model, 2026-12-04), the job must code in blocks."""
+    vocab = int(lm.model.get_output_embeddings().weight.shape[0])
+    return check_replay(lm.model, lm.device, vocab, MIN_TOKENS, lm.model.config.max_position_embeddings).exact
+
+
 @pytest.mark.parametrize("threads", [1, 2])
 def test_replay_windows_equal_the_scoring_forward_bit_for_bit(bundled_lm, threads):
     """The shape rule of the forward scheme, on the bundled model's real kernels: rows, padded lengths
-    (one key tile, across a tile's end), window widths, and the thread count."""
+    (one key tile, across a tile's end), window widths, and the thread count. On a CPU where the job's
+    load-time check passes, every replay of the grid is exact; where it fails, the grid finds a
+    difference too (the check raised no false alarm) and the job codes in blocks."""
+    from lmc_audit.transforms.coding.payloads import SCHEME_BLOCKS
+    from lmc_audit.transforms.scoring.model_handler import choose_scheme
+
     rng = np.random.default_rng(threads)
     before = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
+        here = _replays_exactly_here(bundled_lm)
+        checks = []
         for rows, length, window in [(1, 64, 4), (2, 576, 4), (4, 640, 4), (5, 1024, 8), (3, 192, 16),
                                      (1, 2048, 32), (2, 1088, 36)]:
             ids = torch.from_numpy(rng.integers(0, 257, (rows, length), dtype=np.int64))
             check = compare_replay(bundled_lm.model, bundled_lm.device, ids, MIN_TOKENS, window, replayed=600)
-            assert check.exact, (rows, length, window, check.detail)
+            checks.append((rows, length, window, check))
+            assert check.exact or not here, (rows, length, window, check.detail)
+        if not here:
+            assert any(not c.exact for *_, c in checks), "the load-time check failed where the grid found no difference"
+            assert choose_scheme(bundled_lm, "auto", MIN_TOKENS)[0] == SCHEME_BLOCKS
     finally:
         torch.set_num_threads(before)
 
@@ -139,8 +158,9 @@ def test_the_min_tokens_rule_is_what_makes_replay_exact(bundled_lm):
     model = _RoundsSmallForwardsElsewhere(bundled_lm.model)
     found = compare_replay(model, bundled_lm.device, ids, 1, 4)
     assert not found.exact and "differ" in found.detail
-    assert compare_replay(model, bundled_lm.device, ids, MIN_TOKENS, 4).exact
-    assert compare_replay(bundled_lm.model, bundled_lm.device, ids, MIN_TOKENS, 4).exact
+    if _replays_exactly_here(bundled_lm):  # else the CPU's own kernels differ beyond what the rule covers
+        assert compare_replay(model, bundled_lm.device, ids, MIN_TOKENS, 4).exact
+        assert compare_replay(bundled_lm.model, bundled_lm.device, ids, MIN_TOKENS, 4).exact
 
 
 def test_blocks_fallback_forced_round_trips(tiny_byte_model):
