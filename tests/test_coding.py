@@ -204,17 +204,23 @@ def test_decoder_window_is_free_in_the_forward_scheme(bundled_lm):
 
 def test_expected_bytes_speed_decoding_and_never_change_what_decodes(bundled_lm):
     """A verifier's expected bytes are guesses only: right ones decode a whole wide window per forward,
-    wrong ones (an edit, another text) still give exactly the payload's bytes."""
+    wrong ones (an edit, another text) still give exactly the payload's bytes. Where the CPU's check sends
+    coding to the blocks scheme (its decoder takes no guesses), they change nothing, forwards included."""
     text = (Path(bundled_sample_dir()) / "howto__sorting.txt").read_bytes()
     datas = [text[:1500], text[1500:2048]]
     scored, _ = code_and_decode(resolve_model_dir("bundled"), datas)
     payloads = [s.payload for s in scored]
+    forward = unpack(payloads[0])[0].scheme == "forward"
+    assert forward == _replays_exactly_here(bundled_lm)
     blind = PayloadDecoder("bundled", "cpu")
     assert blind.decode(payloads) == datas
     hinted = PayloadDecoder("bundled", "cpu")
     assert hinted.decode(payloads, expected=datas) == datas
     # Every token still comes from the bitstream; right guesses cut the forwards several fold.
     assert hinted.stats.tokens == blind.stats.tokens == sum(map(len, datas))
+    if not forward:
+        assert hinted.forwards == blind.forwards
+        return
     assert hinted.forwards * 5 < blind.forwards
     # Rows with expected bytes leave the n-gram tables alone (a verifier's sample would fill them for nothing).
     assert blind._guesser.counts and not hinted._guesser.counts and not hinted._guesser.latest
