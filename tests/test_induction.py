@@ -36,6 +36,15 @@ def _bits(model, rows: torch.Tensor) -> torch.Tensor:
     return -logp.gather(-1, rows[:, 1:, None])[..., 0].sum(-1) / math.log(2)
 
 
+def _copy_with_a_word_put_in(name: str = "library__code.txt") -> tuple[bytes, int, int, torch.Tensor]:
+    """(x, cut, start, rows): x's first 700 bytes, then a copy of them with "Zebra " put in at a word's first
+    byte ``cut``; ``start`` is the copy's first byte in the row (after BOS and the blank line)."""
+    x = (SAMPLE / name).read_bytes()[:700]
+    cut = x.index(b" ", 500) + 1
+    y = x[:cut] + b"Zebra " + x[cut:]
+    return x, cut, len(x) + 2, torch.tensor([[BOS_ID, *(x + b"\n\n" + y)]])
+
+
 @pytest.fixture(scope="module")
 def grown():
     return grow(BASE_MODEL, _sample_stream())
@@ -128,11 +137,7 @@ def test_a_vetoing_match_head_stops_copying_at_the_first_wrong_byte():
     stream = _sample_stream()
     plain = grow(BASE_MODEL, stream, scratch=122, widen=3, matches=((20.0, 50.0),))
     vetoing = grow(BASE_MODEL, stream, scratch=158, widen=3, matches=((20.0, 50.0, 8.0),))
-    x = (SAMPLE / "library__code.txt").read_bytes()[:700]
-    cut = x.index(b" ", 500) + 1  # a word's first byte
-    y = x[:cut] + b"Zebra " + x[cut:]
-    start = len(x) + 2  # the copy's first byte in the row (after BOS and the blank line)
-    rows = torch.tensor([[BOS_ID, *(x + b"\n\n" + y)]])
+    x, cut, start, rows = _copy_with_a_word_put_in()
 
     def log2p(model) -> torch.Tensor:  # [position, byte]: log2 p(next byte = byte | bytes up to position)
         with torch.no_grad():
@@ -251,11 +256,7 @@ def test_the_bundled_model_stops_copying_at_an_edit_where_0_3_0s_went_on():
     models = {name: LlamaForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
               for name, path in (("bundled", bundled_model_dir()), ("0.3.0", ASSETS / "model_0.3.0"))}
     for name in ("library__code.txt", "howto__sorting.txt"):
-        x = (SAMPLE / name).read_bytes()[:700]
-        cut = x.index(b" ", 500) + 1
-        y = x[:cut] + b"Zebra " + x[cut:]
-        start = len(x) + 2
-        rows = torch.tensor([[BOS_ID, *(x + b"\n\n" + y)]])
+        x, cut, start, rows = _copy_with_a_word_put_in(name)
         z, after = start + cut, x[cut + 1]  # row index of 'Z'; the original's byte after the replaced one
         agreeing = torch.arange(start + 100, start + cut)
         lp = {}
