@@ -21,10 +21,12 @@ attention through ``exact_attention`` (keys cut to a multiple of 512 or
 the whole padded length; a window of at least 4 positions), and every
 forward, scoring or window, runs at least ``min_tokens`` token rows
 (rows x positions), because the CPU matmul kernels round rows of a small
-call (fewer than 16 rows here) differently from rows of a large one. The
-encoder adds zero rows to a forward that would be smaller; the decoder
-widens its windows (or adds rows). The model handler checks the rule at
-load on the device in use and falls back to **blocks** where it fails.
+call (fewer than 16 rows here) differently from rows of a large one; and,
+on CPU, MKL in strict reproducibility mode (``lmc_audit.transforms`` sets
+``MKL_CBWR``), without which some CPUs round mid-sized calls by thread
+count too. The encoder adds zero rows to a forward that would be smaller;
+the decoder widens its windows (or adds rows). The model handler checks the
+rule at load on the device in use and falls back to **blocks** where it fails.
 
 **blocks** (the fallback, the pre-0.2 design): encoder and decoder run the
 very same shapes, ``rows`` x ``block`` aligned windows in a cache of L,
