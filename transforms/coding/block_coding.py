@@ -43,7 +43,7 @@ own argmax at the next positions (Jacobi decoding).
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -221,11 +221,13 @@ class ReplayDecoder:
 
     @torch.inference_mode()
     def decode(self, streams: list[bytes], n_tokens: list[int], length: int,
-               expected: Sequence[np.ndarray | None] | None = None) -> tuple[list[np.ndarray], DecodeStats]:
+               expected: Sequence[np.ndarray | None] | None = None,
+               progress: Callable[[int], None] | None = None) -> tuple[list[np.ndarray], DecodeStats]:
         """Token ids of each stream. ``expected``: the tokens each row should decode to, when known (a
         verifier has the chunk): they are the guesses, in windows of ``hinted_width`` positions. Every
         token is still decoded from the stream, and each guess is checked against it, so the result is
-        the same as without them; right guesses only let one forward decode a whole window."""
+        the same as without them; right guesses only let one forward decode a whole window.
+        ``progress``: called after each forward with the tokens it decoded (a long group shows movement)."""
         if not streams:
             return [], DecodeStats()
         if max(n_tokens) > length:
@@ -256,6 +258,7 @@ class ReplayDecoder:
         keys = [None if hints[r] is not None else self.guesser.start() for r in range(rows)]
         cache = ReplayCache(rows, length, self.device)
         stats = DecodeStats()
+        reported = 0
         offsets = np.arange(width)
         with replay(cache):
             while np.any(known < n):
@@ -299,6 +302,9 @@ class ReplayDecoder:
                     if not live.any():
                         break
                 self._guess(inputs, out, known, n, starts, width, logits, keys, stats, hints)
+                if progress is not None:
+                    progress(int(known.sum()) - reported)
+                    reported = int(known.sum())
         return [out[r, :n[r]].copy() for r in range(real)], stats
 
     def _guess(self, inputs, out, known, n, starts, width, logits, keys, stats, hints) -> None:
@@ -365,7 +371,9 @@ class BlockCoder:
         return streams[:len(group_targets)], logp.cpu().numpy()
 
     @torch.inference_mode()
-    def decode(self, streams: list[bytes], n_tokens: list[int], length: int) -> tuple[list[np.ndarray], DecodeStats]:
+    def decode(self, streams: list[bytes], n_tokens: list[int], length: int,
+               progress: Callable[[int], None] | None = None) -> tuple[list[np.ndarray], DecodeStats]:
+        """Token ids of each stream; ``progress`` as in ``ReplayDecoder.decode``."""
         if not 0 < len(streams) <= self.rows:
             raise ValueError(f"a group holds 1..{self.rows} chunks, got {len(streams)}")
         n = np.zeros(self.rows, np.int64)
@@ -379,6 +387,7 @@ class BlockCoder:
         known = np.zeros(self.rows, np.int64)
         cache = ReplayCache(self.rows, length, self.device)
         stats = DecodeStats()
+        reported = 0
         K = self.block
         with replay(cache):
             for s in range(0, length, K):
@@ -422,4 +431,7 @@ class BlockCoder:
                         first = int(known[r]) + 1
                         if first < s + K:
                             inputs[r, first:s + K] = guesses[r, first - 1 - s:K - 1]
+                    if progress is not None:
+                        progress(int(known.sum()) - reported)
+                        reported = int(known.sum())
         return [out[r, :n[r]].copy() for r in range(len(streams))], stats

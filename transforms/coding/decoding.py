@@ -126,11 +126,12 @@ class PayloadDecoder:
                 if scheme != SCHEME_BLOCKS and any(expected[i] is not None for i, _, _ in part):
                     hints = [None if expected[i] is None else np.asarray(self._tok.encode(expected[i])[0], np.int64)
                              for i, _, _ in part]
+                shown = _ProgressInBytes(sum(h.n_bytes for _, h, _ in part), sum(h.n_tokens for _, h, _ in part))
                 try:
                     with lm.precision():
                         streams, counts = [b for _, _, b in part], [h.n_tokens for _, h, _ in part]
-                        tokens, stats = (coder.decode(streams, counts, length) if hints is None
-                                         else coder.decode(streams, counts, length, hints))
+                        tokens, stats = (coder.decode(streams, counts, length, progress=shown) if hints is None
+                                         else coder.decode(streams, counts, length, hints, progress=shown))
                     self.stats.add(stats)
                 except ValueError as exc:
                     for i, _, _ in part:
@@ -138,7 +139,7 @@ class PayloadDecoder:
                     continue
                 for (i, header, _), ids in zip(part, tokens):
                     results[i] = self._verify(names[i], header, self._to_bytes(ids))
-                Progress.add("decoding", items=len(part), bytes=sum(h.n_bytes for _, h, _ in part))
+                shown.finish(items=len(part))
         return results  # type: ignore[return-value]
 
     def _to_bytes(self, ids: np.ndarray) -> bytes:
@@ -155,6 +156,28 @@ class PayloadDecoder:
             return PayloadError(f"{name}: decoded {len(data)} bytes whose CRC32 does not match the header "
                                 f"({header.n_bytes} bytes): the payload is corrupt or was coded elsewhere")
         return data
+
+
+class _ProgressInBytes:
+    """A decode group's progress, forward by forward, as the bytes its tokens stand for (tokens are bytes
+    with a byte-level model; else the group's bytes per token): a group of a few chunks in the blocks
+    scheme takes minutes, and the progress line should move meanwhile, not jump when the group ends."""
+
+    def __init__(self, total_bytes: int, total_tokens: int):
+        self.total_bytes, self.per_token = total_bytes, total_bytes / max(1, total_tokens)
+        self.tokens = self.shown = 0
+
+    def __call__(self, tokens: int) -> None:
+        self.tokens += tokens
+        now = min(self.total_bytes, int(self.tokens * self.per_token))
+        if now > self.shown:
+            Progress.add("decoding", bytes=now - self.shown)
+            self.shown = now
+
+    def finish(self, items: int) -> None:
+        """The group is done (decoded or failed): its chunks count, and the bytes not shown yet."""
+        Progress.add("decoding", items=items, bytes=self.total_bytes - self.shown)
+        self.shown = self.total_bytes
 
 
 def chunk_name(doc_id: str, chunk_index: int) -> str:
