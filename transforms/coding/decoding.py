@@ -175,7 +175,7 @@ class _ProgressInBytes:
             self.shown = now
 
     def finish(self, items: int) -> None:
-        """The group is done (decoded or failed): its chunks count, and the bytes not shown yet."""
+        """The group decoded: its chunks count, and the bytes not shown yet."""
         Progress.add("decoding", items=items, bytes=self.total_bytes - self.shown)
         self.shown = self.total_bytes
 
