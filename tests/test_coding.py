@@ -233,32 +233,33 @@ def test_decoder_window_is_free_in_the_forward_scheme(bundled_lm):
         assert decoder.stats.tokens_per_row_forward > 1.0
 
 
-def test_expected_bytes_speed_decoding_and_never_change_what_decodes(bundled_lm):
-    """A verifier's expected bytes are guesses only: right ones decode a whole wide window per forward,
-    wrong ones (an edit, another text) still give exactly the payload's bytes. Where the CPU's check sends
-    coding to the blocks scheme (its decoder takes no guesses), they change nothing, forwards included."""
+@pytest.mark.parametrize("scheme", ["auto", "blocks"])
+def test_expected_bytes_speed_decoding_and_never_change_what_decodes(bundled_lm, scheme):
+    """A verifier's expected bytes are guesses only: right ones decode a whole wide window (forward scheme)
+    or a whole block (blocks scheme) per forward, wrong ones (an edit, another text) still give exactly the
+    payload's bytes."""
     text = (Path(bundled_sample_dir()) / "howto__sorting.txt").read_bytes()
-    datas = [text[:1500], text[1500:2048]]
-    scored, _ = code_and_decode(resolve_model_dir("bundled"), datas)
+    datas = [text[:1500], text[1500:2048]] if scheme == "auto" else [text[:400], text[400:600]]
+    scored, _ = code_and_decode(resolve_model_dir("bundled"), datas, scheme=scheme)
     payloads = [s.payload for s in scored]
     forward = unpack(payloads[0])[0].scheme == "forward"
-    assert forward == _replays_exactly_here(bundled_lm)
+    assert forward == (scheme == "auto" and _replays_exactly_here(bundled_lm))
     blind = PayloadDecoder("bundled", "cpu")
     assert blind.decode(payloads) == datas
     hinted = PayloadDecoder("bundled", "cpu")
     assert hinted.decode(payloads, expected=datas) == datas
     # Every token still comes from the bitstream; right guesses cut the forwards several fold.
     assert hinted.stats.tokens == blind.stats.tokens == sum(map(len, datas))
-    if not forward:
-        assert hinted.forwards == blind.forwards
-        return
     assert hinted.forwards * 5 < blind.forwards
-    # Rows with expected bytes leave the n-gram tables alone (a verifier's sample would fill them for nothing).
-    assert blind._guesser.counts and not hinted._guesser.counts and not hinted._guesser.latest
-    edited = [datas[0][:700] + b"#" * 20 + datas[0][720:], b"another text altogether"]
+    assert hinted.stats.guessed["argmax"] == 0  # no row ever fell back to the window's own guesses
+    if forward:
+        assert hinted.stats.guessed["expected"] > 0
+        # Rows with expected bytes leave the n-gram tables alone (a verifier's sample would fill them for nothing).
+        assert blind._guesser.counts and not hinted._guesser.counts and not hinted._guesser.latest
+    edited = [datas[0][:300] + b"#" * 20 + datas[0][320:], b"another text altogether"]
     wrong = PayloadDecoder("bundled", "cpu")
     assert wrong.decode(payloads, expected=edited) == datas
-    assert hinted.forwards < wrong.forwards
+    assert hinted.forwards < wrong.forwards and wrong.stats.guessed["argmax"] > 0
     # A payload that does not hold the expected bytes is not made to: the CRC check still fails it.
     corrupt = payloads[0][:-8] + bytes(8)
     got = PayloadDecoder("bundled", "cpu").decode([corrupt], expected=[datas[0]])[0]

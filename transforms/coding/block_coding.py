@@ -372,17 +372,29 @@ class BlockCoder:
 
     @torch.inference_mode()
     def decode(self, streams: list[bytes], n_tokens: list[int], length: int,
+               expected: Sequence[np.ndarray | None] | None = None,
                progress: Callable[[int], None] | None = None) -> tuple[list[np.ndarray], DecodeStats]:
-        """Token ids of each stream; ``progress`` as in ``ReplayDecoder.decode``."""
+        """Token ids of each stream; ``expected`` and ``progress`` as in ``ReplayDecoder.decode``. A row's
+        expected tokens are its guesses inside each block while they agree with what it decodes (else the
+        block's argmax): right ones decode a whole block per forward, as the encoder coded it, so a
+        verifier's decode costs about the encoder's L / block forwards instead of one per token."""
         if not 0 < len(streams) <= self.rows:
             raise ValueError(f"a group holds 1..{self.rows} chunks, got {len(streams)}")
         n = np.zeros(self.rows, np.int64)
         n[:len(streams)] = n_tokens
         if n.max() > length:
             raise ValueError(f"a payload says {n.max()} tokens but was coded in {length} positions")
+        hints: list[np.ndarray | None] = [None] * self.rows
+        if expected is not None:
+            if len(expected) != len(streams):
+                raise ValueError(f"{len(expected)} expected token rows for {len(streams)} streams")
+            hints[:len(streams)] = [None if e is None else np.asarray(e, np.int64)[:length] for e in expected]
         decoders = range_coder.RangeDecoders(list(streams) + [b""] * (self.rows - len(streams)), self.precision)
         inputs = np.full((self.rows, length), self.pad_id, np.int64)
         inputs[:, 0] = self.start_id
+        for r, hint in enumerate(hints):
+            if hint is not None:
+                inputs[r, 1:1 + len(hint[:length - 1])] = hint[:length - 1]
         out = np.zeros((self.rows, length), np.int64)
         known = np.zeros(self.rows, np.int64)
         cache = ReplayCache(self.rows, length, self.device)
@@ -426,11 +438,20 @@ class BlockCoder:
                                 live[r] = False
                         if not live.any():
                             break
-                    guesses = logits.argmax(-1).cpu().numpy()
+                    guesses = None
                     for r in np.flatnonzero(known < end):
-                        first = int(known[r]) + 1
-                        if first < s + K:
-                            inputs[r, first:s + K] = guesses[r, first - 1 - s:K - 1]
+                        first = int(known[r]) + 1  # inputs[first:] are unknown
+                        if first >= s + K:
+                            continue
+                        hint = hints[r]
+                        if hint is not None and len(hint) >= first and out[r, first - 2] == hint[first - 2]:
+                            stats.guessed["expected"] += 1
+                            continue  # the expected tokens still hold: the inputs ahead are already them
+                        hints[r] = None  # the row decodes to something else: the block's argmax from here
+                        if guesses is None:
+                            guesses = logits.argmax(-1).cpu().numpy()
+                        inputs[r, first:s + K] = guesses[r, first - 1 - s:K - 1]
+                        stats.guessed["argmax"] += 1
                     if progress is not None:
                         progress(int(known.sum()) - reported)
                         reported = int(known.sum())

@@ -123,7 +123,7 @@ class PayloadDecoder:
             for s in range(0, len(members), group_rows):
                 part = members[s:s + group_rows]
                 hints = None
-                if scheme != SCHEME_BLOCKS and any(expected[i] is not None for i, _, _ in part):
+                if any(expected[i] is not None for i, _, _ in part):
                     hints = [None if expected[i] is None else np.asarray(self._tok.encode(expected[i])[0], np.int64)
                              for i, _, _ in part]
                 shown = _ProgressInBytes(sum(h.n_bytes for _, h, _ in part), sum(h.n_tokens for _, h, _ in part))
