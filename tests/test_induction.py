@@ -266,3 +266,30 @@ def test_the_bundled_model_stops_copying_at_an_edit_where_0_3_0s_went_on():
             assert lp[label][agreeing, rows[0, agreeing + 1]].mean() > -0.2, (name, label)
         assert lp["bundled"][z + 1, after] < -3.0 < -1.0 < lp["0.3.0"][z + 1, after], (
             name, lp["bundled"][z + 1, after], lp["0.3.0"][z + 1, after])
+
+
+def test_a_steps_bound_trains_that_many_steps_and_the_card_says_so(tmp_path):
+    """``train.py --steps N`` stops at N steps whatever the hardware (a --minutes budget bought 257 steps on
+    one CPU and 707 on another), records the bound, and a card's recipe repeats it."""
+    from lmc_audit.pipelines.default_model import train
+    from lmc_audit.pipelines.default_model.card import recipe
+    from lmc_audit.pipelines.default_model.split import list_source_files
+
+    docs = tmp_path / "docs"
+    docs.mkdir()
+    words = "the model copies what it read before and pays for what it could not predict".split()
+    rng = np.random.default_rng(0)
+    for i in range(30):
+        (docs / f"page{i:02d}.txt").write_text(" ".join(rng.choice(words, 400)))
+    assert any(f.held_out for f in list_source_files(docs)) and not all(f.held_out for f in list_source_files(docs))
+    out = tmp_path / "model"
+    train.main(["--docs-root", str(docs), "--out", str(out), "--steps", "3", "--minutes", "0.001", "--hidden", "32",
+                "--layers", "1", "--heads", "1", "--ffn", "64", "--tokens-per-step", "2048", "--warmup-steps", "1",
+                "--precision", "fp32", "--threads", "1"])
+    record = json.loads((out / "training.json").read_text())
+    assert record["steps"] == 3 and record["bound"] == "--steps 3" and "cosine over 3 steps" in record["optimizer"]
+    tuned = {**record, "continued_from": {**record, "bound": "--minutes 45"}}
+    lines = recipe(tuned)
+    assert "--steps 3 " in lines[-1] and "--minutes" not in lines[-1]
+    with pytest.raises(SystemExit):
+        train.main(["--docs-root", str(docs), "--out", str(out), "--steps", "0"])

@@ -111,12 +111,16 @@ def recipe(training: dict) -> list[str]:
     for run in chain[1:]:
         lr = run["optimizer"].split(" lr ")[1].split()[0]
         warmup = run["optimizer"].split("warmup ")[1].split()[0]
-        lines.append(f"{module}.train --init-from GROWN --out TUNED --minutes {run['training_seconds'] / 60:.0f} "
+        by_steps = run.get("bound", "").startswith("--steps")
+        bound = f"--steps {run['steps']}" if by_steps else f"--minutes {run['training_seconds'] / 60:.0f}"
+        lines.append(f"{module}.train --init-from GROWN --out TUNED {bound} "
                      f"--lr {lr} --warmup-steps {warmup} --copy-fraction {run.get('copy_fraction', 0)} "
                      f"--random-share {run.get('random_share', 0)}"
                      + (" --freeze-circuit" if run.get("freeze_circuit") else "")
                      + (" --long-fraction 0" if "last 0%" in run.get("schedule", "") else "")
-                     + (" --precision fp32" if run.get("precision") == "fp32" else ""))
+                     + (" --precision fp32" if run.get("precision") == "fp32" else "")
+                     + ("" if by_steps else f"  # {run['steps']:,} steps here; --steps {run['steps']} gives "
+                                            "that count on any hardware"))
     r = training.get("recalibrated")
     stored = training.get("stored", "float32").split()[0]
     if r:

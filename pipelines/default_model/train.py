@@ -8,8 +8,10 @@ and recalibrated (``induction.py --recalibrate``); its card has the commands.
 
 The model is a small Llama (RMSNorm, RoPE, SwiGLU) over bytes: ids 0-255 are
 bytes and id 256 is BOS, which also serves as padding (padded positions are
-masked). Training is bounded by wall-clock time so that it fits a CPU budget;
-the learning rate follows a cosine over elapsed time. The run writes the
+masked). Training is bounded by wall-clock time so that it fits a CPU budget
+(the learning rate follows a cosine over elapsed time), or by ``--steps``
+(the cosine over steps), which gives the same number of steps on any
+hardware where a time budget does not. The run writes the
 weights (safetensors), config and ``training.json`` (tokens, time, hardware),
 which the model-card script reads.
 """
@@ -153,7 +155,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--docs-root", type=Path, default=DOCS_ROOT)
     p.add_argument("--out", type=Path, required=True)
-    p.add_argument("--minutes", type=float, default=45.0)
+    p.add_argument("--minutes", type=float, default=45.0,
+                   help="wall-clock budget; the schedule (warm-up aside) runs over it (ignored with --steps)")
+    p.add_argument("--steps", type=int, default=None,
+                   help="train exactly this many steps, the schedule over steps: the same model's recipe on any "
+                        "hardware (a --minutes budget bought 257 steps on a 2-core AMD EPYC, 707 on an Intel Xeon)")
     p.add_argument("--hidden", type=int, default=256)
     p.add_argument("--layers", type=int, default=4)
     p.add_argument("--heads", type=int, default=4)
@@ -183,7 +189,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> None:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.steps is not None and args.steps < 1:
+        parser.error("--steps must be at least 1")
     if args.precision == "bf16" and not native_bf16():
         print("warning: this CPU has no native bfloat16 (avx512_bf16 / amx_bf16): bf16 autocast is emulated, about "
               "10x slower per step; the --minutes budget buys that many fewer steps (--precision fp32 avoids it)",
@@ -225,7 +234,7 @@ def main(argv: list[str] | None = None) -> None:
     step, tokens = 0, 0
     model.train()
     while True:
-        frac = (time.time() - t0) / budget
+        frac = step / args.steps if args.steps else (time.time() - t0) / budget
         if frac >= 1.0:
             break
         seq = 2049 if frac >= 1.0 - args.long_fraction else 1025
@@ -252,6 +261,7 @@ def main(argv: list[str] | None = None) -> None:
                 msg += f" copy ratio {copy_ratio(model, held_stream):.3f}"
             print(msg, flush=True)
     elapsed = time.time() - t0
+    over = f"{args.steps} steps" if args.steps else "wall time"
 
     args.out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(args.out, safe_serialization=True)
@@ -263,8 +273,10 @@ def main(argv: list[str] | None = None) -> None:
         "hardware": f"{platform.processor() or platform.machine()}, {args.threads} CPU threads, {_cpu_name()}",
         "torch": torch.__version__,
         "precision": ("bf16 autocast on CPU, fp32 master weights" if args.precision == "bf16" else "fp32"),
-        "optimizer": f"AdamW lr {args.lr} betas (0.9, 0.95) wd 0.1, warmup {warmup_steps} steps, cosine over wall time",
-        "schedule": f"{args.tokens_per_step} tokens/step; 1024-byte windows, last {args.long_fraction:.0%} of time 2048-byte windows",
+        "optimizer": f"AdamW lr {args.lr} betas (0.9, 0.95) wd 0.1, warmup {warmup_steps} steps, cosine over {over}",
+        "schedule": f"{args.tokens_per_step} tokens/step; 1024-byte windows, last {args.long_fraction:.0%} of the "
+                    f"{over} 2048-byte windows",
+        "bound": f"--steps {args.steps}" if args.steps else f"--minutes {args.minutes:g}",
         "seed": args.seed,
         "train_bytes": int(len(train_stream)),
         "copy_fraction": args.copy_fraction,
