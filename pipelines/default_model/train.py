@@ -159,7 +159,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="wall-clock budget; the schedule (warm-up aside) runs over it (ignored with --steps)")
     p.add_argument("--steps", type=int, default=None,
                    help="train exactly this many steps, the schedule over steps: the same model's recipe on any "
-                        "hardware (a --minutes budget bought 257 steps on a 2-core AMD EPYC, 707 on an Intel Xeon)")
+                        "hardware (a --minutes budget bought 257 steps on a 2-core AMD EPYC without AVX-512, "
+                        "707 on an Intel Xeon)")
     p.add_argument("--hidden", type=int, default=256)
     p.add_argument("--layers", type=int, default=4)
     p.add_argument("--heads", type=int, default=4)
