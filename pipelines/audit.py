@@ -504,9 +504,10 @@ def run(argv: list[str] | None = None, test_pipeline: beam.Pipeline | None = Non
     if o.coding:
         record_inputs["scored"] = scored
     if o.coding and o.verify_fraction > 0:
+        listed = sum(s.size for s in shards)
         record_inputs["verification"] = scored | "VerifyPayloads" >> VerifyPayloads(
             o.model, o.verify_fraction, VERIFY_ROWS,
-            verification_buckets(o.verify_fraction, sum(s.size for s in shards), o.read.chunk_bytes, VERIFY_ROWS))
+            verification_buckets(o.verify_fraction, listed, o.read.chunk_bytes, VERIFY_ROWS), listed)
     # Committed shards were not read: their records count as their documents and dead letters.
     kept_records = sum(row["documents"] + row["dead_letters"] for _, _, row in committed)
     model = {"spec": args.model, "name": Path(model_dir).name if args.model == BUNDLED else args.model,

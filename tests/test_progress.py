@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import re
 
+import pytest
+
 from lmc_audit.pipelines.audit import run
 from lmc_audit.transforms.progress import Progress
 
@@ -22,6 +24,24 @@ def test_a_line_names_each_stage_with_its_rate_and_the_time_left():
     assert Progress.counts() == {"reading": (1, 2_048), "scoring": (2, 1_024), "writing": (5, 0)}
     Progress.reset()
     assert Progress.line() is None and Progress.counts() == {}
+
+
+def test_decoding_estimates_its_time_left_against_its_own_total():
+    """The verifier expects the verified fraction of the input: its stage shows the time left against
+    that, not against the input's size; a stage with no total shows none."""
+    Progress.reset()
+    Progress.expect(1_000_000)
+    Progress.expect(8_192, stages=("decoding",))
+    Progress.add("decoding", bytes=2_048)
+    Progress.add("writing", items=3)
+    line = Progress.line()
+    assert re.fullmatch(r"\[lmc-audit\] writing 3 rows \([\d.,]+/s\) \| "
+                        r"decoding 0 chunks, 2 KiB \([\d.,]+ KiB/s, ~\d+:\d\d:\d\d left\)", line), line
+    Progress.add("decoding", items=4, bytes=6_144)
+    assert "left" not in Progress.line()  # the total is reached
+    with pytest.raises(ValueError, match="unknown progress stage"):
+        Progress.expect(1, stages=("verifying",))
+    Progress.reset()
 
 
 def test_a_second_job_in_one_process_counts_from_zero(tiny_byte_model, tmp_path):

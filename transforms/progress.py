@@ -5,7 +5,8 @@ long run is moving and where (on Dataflow they land in the worker logs). Each
 stage (reading, scoring, writing, dedup, decoding) counts its items and bytes
 in this process; a daemon thread prints one line per interval while anything
 moved, with each stage's rate and, where the stage's total is known (the
-listed input bytes), an estimate of the time left.
+listed input bytes for reading and scoring, the verified fraction of them
+for decoding), an estimate of the time left.
 
     [lmc-audit] reading 27 docs, 291 KiB (41.2 KiB/s, ~0:00:03 left) | scoring 161 chunks, 291 KiB (8.3 KiB/s, ~0:00:01 left)
 """
@@ -40,7 +41,7 @@ class Progress:
     interval_s = 10.0
     _lock = threading.Lock()
     _stages: dict[str, _Stage] = {}
-    _expected_bytes = 0
+    _expected: dict[str, int] = {}  # stage -> bytes its "time left" is estimated against
     _thread: threading.Thread | None = None
     _printed_at: dict[str, tuple[int, int]] = {}
 
@@ -50,14 +51,19 @@ class Progress:
         scheduler's loop) shows its own counts, rates and time left, not the sum of every job's."""
         with cls._lock:
             cls._stages = {}
-            cls._expected_bytes = 0
+            cls._expected = {}
             cls._printed_at = {}
 
     @classmethod
-    def expect(cls, total_bytes: int) -> None:
-        """The input's listed size: the total that 'time left' is estimated against."""
+    def expect(cls, total_bytes: int, stages: tuple[str, ...] = ("reading", "scoring")) -> None:
+        """The bytes ``stages`` will count, as far as known (the input's listed size for reading and
+        scoring; the verified fraction of it for decoding): the total that 'time left' is estimated against."""
+        unknown = set(stages) - set(STAGES)
+        if unknown:
+            raise ValueError(f"unknown progress stage {sorted(unknown)}")
         with cls._lock:
-            cls._expected_bytes = max(cls._expected_bytes, int(total_bytes))
+            for stage in stages:
+                cls._expected[stage] = max(cls._expected.get(stage, 0), int(total_bytes))
 
     @classmethod
     def add(cls, stage: str = "scoring", items: int = 0, bytes: int = 0, **legacy: int) -> None:  # noqa: A002
@@ -86,7 +92,7 @@ class Progress:
         now = time.monotonic()
         with cls._lock:
             stages = {k: _Stage(v.items, v.bytes, v.first, v.last) for k, v in cls._stages.items()}
-            expected = cls._expected_bytes
+            expected_by_stage = dict(cls._expected)
         parts = []
         for name in STAGES:
             s = stages.get(name)
@@ -99,7 +105,8 @@ class Progress:
             if s.bytes:
                 rate = s.bytes / elapsed
                 text += f", {s.bytes / 1024:,.0f} KiB ({rate / 1024:,.1f} KiB/s"
-                if expected and name in ("reading", "scoring") and s.bytes < expected and rate > 0:
+                expected = expected_by_stage.get(name, 0)
+                if expected and s.bytes < expected and rate > 0:
                     text += f", ~{_duration((expected - s.bytes) / rate)} left"
                 text += ")"
             else:

@@ -196,11 +196,14 @@ def selected_for_verification(chunk: Chunk, fraction: float) -> bool:
 
 
 class VerifyPayloadsFn(beam.DoFn):
-    def __init__(self, model_spec: str, device: str, trust_remote_code: bool, batch_rows: int):
+    def __init__(self, model_spec: str, device: str, trust_remote_code: bool, batch_rows: int,
+                 expected_bytes: int = 0):
         self._spec, self._device, self._trust = model_spec, device, trust_remote_code
         self._batch_rows = batch_rows
+        self._expected_bytes = expected_bytes
 
     def setup(self) -> None:
+        Progress.expect(self._expected_bytes, stages=("decoding",))
         self._decoder = PayloadDecoder(self._spec, self._device, self._trust, self._batch_rows)
         self._ok = Metrics.counter(NAMESPACE, "payloads_verified")
         self._failed = Metrics.counter(NAMESPACE, "payloads_failed")
@@ -258,17 +261,22 @@ class VerifyPayloads(beam.PTransform):
     group costs its padded length over ``hinted_width`` forwards, not one per couple of tokens. A key's
     values are iterated, never held whole, so memory stays at one decode group."""
 
-    def __init__(self, model: ModelOptions, fraction: float, batch_rows: int = 64, buckets: int = 1):
+    def __init__(self, model: ModelOptions, fraction: float, batch_rows: int = 64, buckets: int = 1,
+                 input_bytes: int = 0):
         """``model``: the model that coded the payloads, and how it runs. Its ``accelerator`` is the Beam
         resource hint of the decode step under right fitting: payloads coded on a GPU decode only on that
         kind of device, so the step that runs the model goes where the scoring ran; picking and grouping
-        the sample stay on CPU workers."""
+        the sample stay on CPU workers. ``input_bytes``: the listed input's size; ``fraction`` of it is
+        what the progress line's decoding stage estimates its time left against."""
         super().__init__()
         if not 0.0 <= fraction <= 1.0:
             raise ValueError(f"the verified fraction must be in [0, 1], got {fraction}")
         if batch_rows < 1 or buckets < 1:
             raise ValueError("batch_rows and buckets must be at least 1")
-        self._fn = VerifyPayloadsFn(model.spec, model.device, model.trust_remote_code, batch_rows)
+        if input_bytes < 0:
+            raise ValueError(f"input_bytes must be at least 0, got {input_bytes}")
+        self._fn = VerifyPayloadsFn(model.spec, model.device, model.trust_remote_code, batch_rows,
+                                    int(fraction * input_bytes))
         self._fraction = fraction
         self._batch_rows = batch_rows
         self._buckets = buckets
