@@ -283,9 +283,13 @@ def test_a_steps_bound_trains_that_many_steps_and_the_card_says_so(tmp_path):
         (docs / f"page{i:02d}.txt").write_text(" ".join(rng.choice(words, 400)))
     assert any(f.held_out for f in list_source_files(docs)) and not all(f.held_out for f in list_source_files(docs))
     out = tmp_path / "model"
-    train.main(["--docs-root", str(docs), "--out", str(out), "--steps", "3", "--minutes", "0.001", "--hidden", "32",
-                "--layers", "1", "--heads", "1", "--ffn", "64", "--tokens-per-step", "2048", "--warmup-steps", "1",
-                "--precision", "fp32", "--threads", "1"])
+    threads = torch.get_num_threads()
+    try:  # train.main sets the process's thread count: the tests after this one keep theirs
+        train.main(["--docs-root", str(docs), "--out", str(out), "--steps", "3", "--minutes", "0.001",
+                    "--hidden", "32", "--layers", "1", "--heads", "1", "--ffn", "64", "--tokens-per-step", "2048",
+                    "--warmup-steps", "1", "--precision", "fp32", "--threads", "1"])
+    finally:
+        torch.set_num_threads(threads)
     record = json.loads((out / "training.json").read_text())
     assert record["steps"] == 3 and record["bound"] == "--steps 3" and "cosine over 3 steps" in record["optimizer"]
     tuned = {**record, "continued_from": {**record, "bound": "--minutes 45"}}

@@ -71,6 +71,29 @@ def rows_for(rows: int, length: int, min_tokens: int) -> int:
     return max(rows, -(-min_tokens // length))
 
 
+def expected_inputs(expected: Sequence[np.ndarray | None] | None, streams: int, rows: int, length: int,
+                    start_id: int, pad_id: int) -> tuple[list[np.ndarray | None], np.ndarray]:
+    """(each row's expected tokens or None, [rows, length] inputs): the start token, then each row's expected
+    tokens as its guesses (a decoder's inputs after what it has decoded are guesses), else padding."""
+    hints: list[np.ndarray | None] = [None] * rows
+    if expected is not None:
+        if len(expected) != streams:
+            raise ValueError(f"{len(expected)} expected token rows for {streams} streams")
+        hints[:streams] = [None if e is None else np.asarray(e, np.int64)[:length] for e in expected]
+    inputs = np.full((rows, length), pad_id, np.int64)
+    inputs[:, 0] = start_id
+    for r, hint in enumerate(hints):
+        if hint is not None:
+            inputs[r, 1:1 + len(hint[:length - 1])] = hint[:length - 1]
+    return hints, inputs
+
+
+def hint_holds(hint: np.ndarray | None, decoded: np.ndarray, first: int) -> bool:
+    """Whether a row's expected tokens still agree with what it decoded, up to input ``first``: checked at
+    the last decoded token only, since a disagreement stops the row's forward there and drops the hint."""
+    return hint is not None and len(hint) >= first and decoded[first - 2] == hint[first - 2]
+
+
 def scoring_logits(model, inputs: torch.Tensor, min_tokens: int) -> torch.Tensor:
     """[R, L] inputs -> [R, L, V] logits of the plain teacher-forced forward, run with at least
     ``min_tokens`` token rows (zero rows added and dropped)."""
@@ -236,20 +259,12 @@ class ReplayDecoder:
             raise ValueError(f"padded length {length} is shorter than a replay window ({MIN_WINDOW})")
         real = len(streams)
         rows, width = self.shape(real, length)
-        hints: list[np.ndarray | None] = [None] * rows
+        hints, inputs = expected_inputs(expected, real, rows, length, self.start_id, self.pad_id)
         if expected is not None:
-            if len(expected) != real:
-                raise ValueError(f"{len(expected)} expected token rows for {real} streams")
-            hints[:real] = [None if e is None else np.asarray(e, np.int64)[:length] for e in expected]
             width = min(length, max(width, hinted_width(rows)))
         n = np.zeros(rows, np.int64)
         n[:real] = n_tokens
         decoders = range_coder.RangeDecoders(list(streams) + [b""] * (rows - real), self.precision)
-        inputs = np.full((rows, length), self.pad_id, np.int64)
-        inputs[:, 0] = self.start_id
-        for r, hint in enumerate(hints):
-            if hint is not None:
-                inputs[r, 1:1 + len(hint[:length - 1])] = hint[:length - 1]
         out = np.zeros((rows, length), np.int64)
         known = np.zeros(rows, np.int64)  # targets decoded per row; inputs up to position known[r] are exact
         # A row decoded against expected tokens has its guesses already: it neither teaches the n-gram
@@ -315,12 +330,10 @@ class ReplayDecoder:
             count = min(width - 1, length - first)
             if count <= 0:
                 continue
-            hint = hints[r]
-            if hint is not None:
-                if len(hint) >= first and out[r, first - 2] == hint[first - 2]:
-                    stats.guessed["expected"] += 1
-                    continue  # the expected tokens still hold: the inputs ahead are already them
-                hints[r] = None  # the row decodes to something else (a failed check): argmax guesses
+            if hint_holds(hints[r], out[r], first):
+                stats.guessed["expected"] += 1
+                continue  # the expected tokens still hold: the inputs ahead are already them
+            hints[r] = None  # none, or the row decodes to something else (a failed check): other guesses
             guess = self.guesser.guess(keys[r], count) if keys[r] is not None else []
             if guess:
                 stats.guessed["lookup"] += 1
@@ -384,17 +397,8 @@ class BlockCoder:
         n[:len(streams)] = n_tokens
         if n.max() > length:
             raise ValueError(f"a payload says {n.max()} tokens but was coded in {length} positions")
-        hints: list[np.ndarray | None] = [None] * self.rows
-        if expected is not None:
-            if len(expected) != len(streams):
-                raise ValueError(f"{len(expected)} expected token rows for {len(streams)} streams")
-            hints[:len(streams)] = [None if e is None else np.asarray(e, np.int64)[:length] for e in expected]
+        hints, inputs = expected_inputs(expected, len(streams), self.rows, length, self.start_id, self.pad_id)
         decoders = range_coder.RangeDecoders(list(streams) + [b""] * (self.rows - len(streams)), self.precision)
-        inputs = np.full((self.rows, length), self.pad_id, np.int64)
-        inputs[:, 0] = self.start_id
-        for r, hint in enumerate(hints):
-            if hint is not None:
-                inputs[r, 1:1 + len(hint[:length - 1])] = hint[:length - 1]
         out = np.zeros((self.rows, length), np.int64)
         known = np.zeros(self.rows, np.int64)
         cache = ReplayCache(self.rows, length, self.device)
@@ -443,8 +447,7 @@ class BlockCoder:
                         first = int(known[r]) + 1  # inputs[first:] are unknown
                         if first >= s + K:
                             continue
-                        hint = hints[r]
-                        if hint is not None and len(hint) >= first and out[r, first - 2] == hint[first - 2]:
+                        if hint_holds(hints[r], out[r], first):
                             stats.guessed["expected"] += 1
                             continue  # the expected tokens still hold: the inputs ahead are already them
                         hints[r] = None  # the row decodes to something else: the block's argmax from here
