@@ -8,7 +8,9 @@ against the CRC32 in its header. With ``--format files`` (default) each
 document goes to its own file whose name is the id, percent-encoded (so any
 id maps to one safe, distinct name; very long ids are cut and suffixed with
 a hash); ``--chunk`` writes single chunks as ``<name>.chunk-<index>``. With
-``--format jsonl`` everything goes to ``DIR/decoded.jsonl``.
+``--format jsonl`` everything goes to ``DIR/decoded.jsonl``. The progress line
+shows the decoding stage's rate and, where the chunks manifest sits beside the
+payloads, its time left.
 """
 
 from __future__ import annotations
@@ -24,12 +26,14 @@ from pathlib import Path
 from urllib.parse import quote
 
 import fsspec
+import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.dataset as ds
 
 from lmc_audit.transforms.coding.decoding import PayloadDecoder, chunk_name
 from lmc_audit.transforms.scoring.model_loading import BUNDLED
 from lmc_audit.transforms.coding.payloads import PayloadError
+from lmc_audit.transforms.progress import Progress
 
 
 def safe_name(doc_id: str, limit: int = 200) -> str:
@@ -80,23 +84,56 @@ def _selection(args) -> tuple[set[str], set[str], set[tuple[str, int]]]:
     return set(args.doc_id), set(args.shard), chunks
 
 
-def selected_rows(dataset: ds.Dataset, docs: set[str], shards: set[str],
-                  chunks: set[tuple[str, int]]) -> Iterator[dict]:
-    """The selected payload rows, shard file by shard file (files sorted by name; rows in each in
-    (position, doc_id, chunk_index) order, as written), in record batches: the selection is pushed
-    down to the Parquet reader and the payloads are never loaded whole."""
+def _filter(docs: set[str], shards: set[str], chunks: set[tuple[str, int]]) -> pc.Expression | None:
+    """The selection as a Parquet filter (a superset where ``--chunk`` names single chunks: rows of
+    their documents, narrowed by ``_wanted``); None selects everything."""
     expr = None
     for column, values in (("doc_id", docs | {d for d, _ in chunks}), ("shard", shards)):
         if values:
             term = pc.field(column).isin(sorted(values))
             expr = term if expr is None else expr | term
+    return expr
+
+
+def _wanted(row: dict, docs: set[str], shards: set[str], chunks: set[tuple[str, int]]) -> bool:
+    return not chunks or row["doc_id"] in docs or row["shard"] in shards \
+        or (row["doc_id"], row["chunk_index"]) in chunks
+
+
+def selected_rows(dataset: ds.Dataset, docs: set[str], shards: set[str],
+                  chunks: set[tuple[str, int]]) -> Iterator[dict]:
+    """The selected payload rows, shard file by shard file (files sorted by name; rows in each in
+    (position, doc_id, chunk_index) order, as written), in record batches: the selection is pushed
+    down to the Parquet reader and the payloads are never loaded whole."""
+    expr = _filter(docs, shards, chunks)
     for fragment in sorted(dataset.get_fragments(filter=expr), key=lambda f: f.path):
         for batch in fragment.to_batches(filter=expr, batch_size=DECODE_BATCH):
             for row in batch.to_pylist():
-                if chunks and row["doc_id"] not in docs and row["shard"] not in shards \
-                        and (row["doc_id"], row["chunk_index"]) not in chunks:
-                    continue
-                yield row
+                if _wanted(row, docs, shards, chunks):
+                    yield row
+
+
+def selected_bytes(payloads: str, docs: set[str], shards: set[str], chunks: set[tuple[str, int]]) -> int:
+    """The bytes the selection decodes to, from the chunks manifest beside the payloads (``../chunks``:
+    four small columns, read batch by batch), so that the decoding stage shows its time left; 0 when
+    that manifest is not there (payloads copied on their own): the stage then shows its rate only."""
+    fs, root = fsspec.core.url_to_fs(payloads)
+    manifest = root.rstrip("/").rsplit("/", 1)[0] + "/chunks"
+    try:
+        if not fs.isdir(manifest):
+            return 0
+        dataset = ds.dataset(manifest, filesystem=fs, format="parquet")
+        total = 0
+        for batch in dataset.to_batches(columns=["doc_id", "shard", "chunk_index", "bytes"],
+                                        filter=_filter(docs, shards, chunks), batch_size=65_536):
+            if chunks:
+                total += sum(r["bytes"] for r in batch.to_pylist() if _wanted(r, docs, shards, chunks))
+            else:
+                total += pc.sum(batch.column("bytes")).as_py() or 0
+        return total
+    except (OSError, pa.ArrowException) as exc:  # an estimate only: decoding goes on without it
+        print(f"lmc-audit decode: no time left shown ({manifest} unreadable: {exc})", file=sys.stderr)
+        return 0
 
 
 class DocumentWriter:
@@ -218,6 +255,8 @@ def run(argv: list[str] | None = None) -> int:
     if first is None:
         raise SystemExit("lmc-audit decode: nothing matches the selection")
     decoder = PayloadDecoder(args.model or _default_model(args.payloads), args.device, args.trust_remote_code)
+    Progress.reset()
+    Progress.expect(selected_bytes(args.payloads, docs, shards, chunks), stages=("decoding",))
     out = Path(args.output)
     out.mkdir(parents=True, exist_ok=True)
     writer = DocumentWriter(out, args.format, whole_documents=not args.chunk)

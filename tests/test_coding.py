@@ -16,13 +16,14 @@ import pytest
 import torch
 
 from lmc_audit.pipelines.audit import bundled_sample_dir, run
-from lmc_audit.pipelines.decode import run as decode, safe_name
+from lmc_audit.pipelines.decode import run as decode, safe_name, selected_bytes
 from lmc_audit.transforms.coding.block_coding import MIN_TOKENS, BlockCoder, ReplayDecoder
 from lmc_audit.transforms.coding.decoding import PayloadDecoder, selected_for_verification
 from lmc_audit.transforms.scoring.model_handler import CausalLMHandler, CodingOptions, load_causal_lm
 from lmc_audit.transforms.scoring.model_loading import model_fingerprint, resolve_model_dir
 from lmc_audit.transforms.coding.payloads import HEADER_BYTES, PayloadError, Recipe, pack, unpack
 from lmc_audit.transforms.coding.replay_check import check_replay, compare_replay
+from lmc_audit.transforms.progress import Progress
 from lmc_audit.transforms.records import Chunk, TokenizedChunk
 from lmc_audit.transforms.scoring.tokenization import ChunkTokenizer, padded_length
 
@@ -411,6 +412,18 @@ def test_decode_selection_jsonl_and_cli(coded_sample, tmp_path):
                    "--format", "jsonl"]) == 0
     lines = [json.loads(x) for x in (target / "decoded.jsonl").read_text().splitlines()]
     assert [(x["doc_id"], x["text"].encode()) for x in lines] == [(doc_id, docs[doc_id])]
+    # The decoding stage's total (its time left) is the selection's bytes, read from the chunks
+    # manifest beside the payloads: what the decode then counted, to the byte.
+    payloads = str(out / "payloads")
+    assert selected_bytes(payloads, {doc_id}, set(), set()) == len(docs[doc_id]) == Progress.counts()["decoding"][1]
+    assert selected_bytes(payloads, set(), set(), {(doc_id, 1)}) == 256
+    shard = ds.dataset(out / "documents", format="parquet").to_table(columns=["shard", "bytes"]).to_pylist()
+    assert selected_bytes(payloads, set(), set(), set()) == sum(d["bytes"] for d in shard) == sum(map(len, docs.values()))
+    assert selected_bytes(payloads, set(), {shard[0]["shard"]}, set()) == sum(
+        d["bytes"] for d in shard if d["shard"] == shard[0]["shard"])
+    alone = tmp_path / "copied" / "payloads"  # payloads copied without their manifests: no total, no error
+    alone.mkdir(parents=True)
+    assert selected_bytes(str(alone), {doc_id}, set(), set()) == 0
     # The installed command line, as a user runs it: one chunk.
     proc = subprocess.run([sys.executable, "-m", "lmc_audit.pipelines.cli", "decode", "--payloads",
                            str(out / "payloads"), "--output", str(tmp_path / "c"), "--chunk", f"{doc_id}:1"],
