@@ -205,13 +205,24 @@ def test_each_recipe_field_mismatch_is_refused_with_its_name(tiny_byte_model):
     recipe = Recipe.from_json(scored[0].recipe)
     decoder = PayloadDecoder(tiny_byte_model, "cpu")
     # device_name: the CPU kernels' instruction set here (AVX512 on one machine, AVX2 on another): another one.
+    assert recipe.blas_mode == "AUTO,STRICT"  # what MKL runs in, recorded on CPU
     for name, value in [("device_name", f"not-{recipe.device_name}"), ("torch", "9.9.9"), ("transformers", "4.0.0"),
-                        ("attention", "lmc_exact/v0"), ("compute_capability", "9.0"), ("cuda", "12.8")]:
+                        ("attention", "lmc_exact/v0"), ("compute_capability", "9.0"), ("cuda", "12.8"),
+                        ("blas_mode", "DEFAULT")]:
         other = Recipe(**{**recipe.__dict__, name: value})
         payload = pack(header.__class__(**{**header.__dict__, "environment": other.environment_hash()}), body)
         (got,) = decoder.decode([payload], ["chunk 0 of 'd0'"], [other.to_json()])
         assert isinstance(got, PayloadError), name
         assert f"{name} {value!r}" in str(got) and "chunk 0 of 'd0'" in str(got)
+        # a payload coded in another MKL mode says how to start a decode in that mode
+        assert ("start the decode with MKL_CBWR= (empty)" in str(got)) == (name == "blas_mode")
+    # Payloads coded before recipes recorded MKL's mode (their header hashes the recipe without it) still
+    # decode, with or without their recipe text, and their CRC still checks the bytes.
+    legacy = Recipe(**{**recipe.__dict__, "blas_mode": ""})
+    legacy_json = json.dumps({k: v for k, v in json.loads(legacy.to_json()).items() if k != "blas_mode"})
+    assert Recipe.from_json(legacy_json) == legacy and legacy.environment_hash() != recipe.environment_hash()
+    old = pack(header.__class__(**{**header.__dict__, "environment": legacy.environment_hash()}), body)
+    assert decoder.decode([old, old], recipes=[legacy_json, None]) == [b"a chunk whose recipe is checked " * 2] * 2
     # Without the recipe text the decoder still refuses, and says what it runs with.
     (got,) = decoder.decode([pack(header.__class__(**{**header.__dict__, "environment": 1}), body)])
     assert isinstance(got, PayloadError) and "another environment" in str(got) and recipe.torch in str(got)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ast
 import os
 import subprocess
 import sys
@@ -13,16 +14,26 @@ from lmc_audit.transforms import MKL_CBWR  # importing it pins MKL before this p
 from lmc_audit.transforms.scoring.model_handler import load_causal_lm
 
 
-def _mkl_mode_after_import(env: dict[str, str]) -> str:
-    code = "import os, lmc_audit.transforms; print(os.environ.get('MKL_CBWR'))"
+def _mkl_mode_after_import(env: dict[str, str], multiply_first: bool = False) -> tuple[str, str]:
+    """(MKL_CBWR, the mode MKL runs in) in a fresh process that imports lmc_audit.transforms and multiplies;
+    ``multiply_first``: a matrix product runs before the import (MKL fixes its mode then)."""
+    first = "import torch; torch.ones(4, 4) @ torch.ones(4, 4); " if multiply_first else ""
+    code = (f"{first}import os, torch, lmc_audit.transforms; from lmc_audit.transforms.mkl_mode import mkl_mode; "
+            "torch.ones(4, 4) @ torch.ones(4, 4); print(repr(os.environ.get('MKL_CBWR')), mkl_mode())")
     done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
-    return done.stdout.strip()
+    setting, mode = done.stdout.strip().rsplit(" ", 1)
+    return ast.literal_eval(setting), mode
 
 
 def test_importing_lmc_audit_pins_mkl_to_strict_reproducibility_unless_the_user_chose():
     bare = {k: v for k, v in os.environ.items() if k != "MKL_CBWR"}
-    assert _mkl_mode_after_import(bare) == MKL_CBWR == "AUTO,STRICT"
-    assert _mkl_mode_after_import({**bare, "MKL_CBWR": "COMPATIBLE"}) == "COMPATIBLE"
+    assert _mkl_mode_after_import(bare) == (MKL_CBWR, MKL_CBWR) == ("AUTO,STRICT", "AUTO,STRICT")
+    assert _mkl_mode_after_import({**bare, "MKL_CBWR": "COMPATIBLE"}) == ("COMPATIBLE", "COMPATIBLE")
+    assert _mkl_mode_after_import({**bare, "MKL_CBWR": "AVX2,STRICT"}) == ("AVX2,STRICT", "AVX2,STRICT")
+    assert _mkl_mode_after_import({**bare, "MKL_CBWR": ""}) == ("", "DEFAULT")  # MKL's own default
+    # A product before the import fixed MKL's default mode: the variable says strict, MKL does not, and the
+    # recipe (which records what MKL does) and the load-time warning say so.
+    assert _mkl_mode_after_import(bare, multiply_first=True) == ("AUTO,STRICT", "DEFAULT")
 
 
 def _projection_shapes(model) -> list[tuple[int, int]]:

@@ -1,7 +1,7 @@
 """Payloads back to bytes: ``PayloadDecoder`` and the in-pipeline ``VerifyPayloads``.
 
 A payload decodes only under the model, dtype, device type, library
-versions and shapes it was coded with. Each is checked against the header
+versions, MKL reproducibility mode (CPU) and shapes it was coded with. Each is checked against the header
 before any decoding, and a mismatch is refused with what differs; after
 decoding, the length and CRC32 of the bytes are checked too.
 """
@@ -11,12 +11,14 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Iterator, Sequence
+from dataclasses import replace
 
 import apache_beam as beam
 import numpy as np
 from apache_beam.metrics import Metrics
 
 from lmc_audit.transforms.coding.block_coding import BlockCoder, DecodeStats, NgramGuesser, ReplayDecoder
+from lmc_audit.transforms.mkl_mode import mkl_cbwr_setting
 from lmc_audit.transforms.options import ModelOptions
 from lmc_audit.transforms.scoring.model_handler import LoadedModel, load_causal_lm, pick_device
 from lmc_audit.transforms.scoring.model_loading import model_fingerprint, resolve_model_dir
@@ -75,11 +77,17 @@ class PayloadDecoder:
                            header.rows, header.block)
         if header.environment == here.environment_hash():
             return
+        if here.blas_mode and header.environment == replace(here, blas_mode="").environment_hash():
+            return  # coded before recipes recorded MKL's mode (0.4.1 and earlier): its CRC decides
         theirs = Recipe.from_json(recipe_text) if recipe_text else None
         if theirs is not None and theirs.environment_hash() == header.environment:
             what = "; ".join(here.differences(theirs))
+            hint = ""
+            if theirs.blas_mode and theirs.blas_mode != here.blas_mode:
+                hint = (f" MKL's mode is read at a process's first matrix product: start the decode with "
+                        f"{mkl_cbwr_setting(theirs.blas_mode)} in its environment.")
             raise PayloadError(f"the payload was coded where {what}: logits would differ, so it cannot decode "
-                               "here. Decode on a machine and with the versions its recipe names.")
+                               f"here. Decode on a machine and with the versions its recipe names.{hint}")
         raise PayloadError(
             "the payload was coded in another environment (its recipe is not at hand: pass the payloads "
             f"manifest's recipe column); here: {here.to_json()}. Decode with the versions and device that coded it.")

@@ -63,10 +63,17 @@ class Recipe:
     min_tokens: int
     rows: int  # blocks scheme only
     block: int  # blocks scheme only
+    # MKL's reproducibility mode on CPU (``transforms.mkl_mode``); "" on GPUs, without MKL, and in the
+    # recipes of payloads coded before lmc-audit recorded it (0.4.1 and earlier)
+    blas_mode: str = ""
 
     def bit_fields(self) -> dict:
-        """The fields whose change changes the logits' bits (all of them, today)."""
-        return asdict(self)
+        """The fields whose change changes the logits' bits (all of them, today); ``blas_mode`` only when
+        recorded, so that the hash in earlier payloads' headers still matches their recipes."""
+        fields_ = asdict(self)
+        if not self.blas_mode:
+            del fields_["blas_mode"]
+        return fields_
 
     def environment_hash(self) -> int:
         text = json.dumps(self.bit_fields(), sort_keys=True)
@@ -79,6 +86,7 @@ class Recipe:
     def from_json(cls, text: str) -> "Recipe | None":
         try:
             data = json.loads(text)
+            data.setdefault("blas_mode", "")  # recipes written before it was recorded
             return cls(**{f.name: data[f.name] for f in fields(cls)})
         except (TypeError, ValueError, KeyError):
             return None
@@ -94,17 +102,19 @@ class Recipe:
         import torch
         import transformers
 
+        from lmc_audit.transforms.mkl_mode import mkl_mode
         from lmc_audit.transforms.scoring.exact_attention import VERSION as ATTENTION
 
         device = torch.device(device)
         name, capability, cuda, cublas = torch.backends.cpu.get_cpu_capability(), "", "", ""
+        blas = mkl_mode() if device.type == "cpu" else ""
         if device.type == "cuda":
             props = torch.cuda.get_device_properties(device)
             name, capability = props.name, f"{props.major}.{props.minor}"
             cuda = torch.version.cuda or ""
             cublas = _cublas_version()
         return cls(scheme, precision, dtype, device.type, name, capability, cuda, cublas, torch.__version__,
-                   transformers.__version__, ATTENTION, min_tokens, rows, block)
+                   transformers.__version__, ATTENTION, min_tokens, rows, block, blas)
 
 
 def _cublas_version() -> str:

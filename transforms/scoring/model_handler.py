@@ -49,6 +49,7 @@ from apache_beam.utils import shared
 from apache_beam.ml.inference.base import ModelHandler
 
 from lmc_audit.transforms import MKL_CBWR
+from lmc_audit.transforms.mkl_mode import mkl_mode
 from lmc_audit.transforms.scoring import exact_attention
 from lmc_audit.transforms.coding.block_coding import MIN_TOKENS, BlockCoder, code_symbols, encode_streams, scoring_logits
 from lmc_audit.transforms.scoring.model_loading import resolve_model_dir
@@ -423,9 +424,12 @@ def choose_scheme(lm: LoadedModel, wanted: str, min_tokens: int) -> tuple[str, s
         raise RuntimeError(f"--coding-scheme forward was asked for, but on this {where} device replay does not "
                            f"reproduce the scoring forward ({check.detail}); use --coding-scheme auto or blocks")
     hint = ""
-    if lm.device.type == "cpu" and os.environ.get("MKL_CBWR", "").upper() != MKL_CBWR:
-        hint = (f" MKL_CBWR is {os.environ.get('MKL_CBWR')!r}, not {MKL_CBWR!r}: MKL then rounds a matrix product's "
-                "rows by the call's row count; unset it or set it to that value.")
+    mode = mkl_mode() if lm.device.type == "cpu" else ""
+    if mode and mode != MKL_CBWR:
+        hint = (f" MKL runs in mode {mode!r} in this process, not {MKL_CBWR!r} (MKL_CBWR is "
+                f"{os.environ.get('MKL_CBWR')!r}; MKL reads it at the process's first matrix product): it may then "
+                "round a matrix product's rows by the call's row count. Unset MKL_CBWR or set it to that value, "
+                "and import lmc_audit before anything computes with torch.")
     log.warning("coding scheme blocks on %s: replay does not reproduce the scoring forward here (%s); "
                 "coding runs fixed rows x block forwards instead, at a higher cost.%s", where, check.detail, hint)
     return SCHEME_BLOCKS, check.detail
