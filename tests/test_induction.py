@@ -117,6 +117,7 @@ def test_the_cards_recipe_is_what_the_scripts_accept():
     record = json.loads((ASSETS / "model" / "training.json").read_text())
     record["precision"] = "fp32"
     record["continued_from"]["grown"].update(scratch=158, matches="20:50:8,12:30:8", veto_dims=18)
+    record["retuned"] = {"boost_scales": [1.0, 1.3], "threshold_scales": [1.0, 0.8]}
     parsers = {"train": train.build_parser(), "induction": induction.build_parser()}
     parsed = []
     for line in recipe(record):
@@ -127,6 +128,10 @@ def test_the_cards_recipe_is_what_the_scripts_accept():
     tuned = next(a for a in parsed if getattr(a, "init_from", None))
     assert tuned.precision == "fp32" and tuned.freeze_circuit
     assert parsed[0].precision == "bf16"  # the base model's own run
+    recalibrated = next(a for a in parsed if getattr(a, "recalibrate", None))
+    retuned = parsed[-1]
+    assert retuned.retune and retuned.model_dir == recalibrated.out and str(retuned.out) == "MODEL"
+    assert (retuned.boost_scales, retuned.threshold_scales) == ("1,1.3", "1,0.8")
 
 
 def test_a_vetoing_match_head_stops_copying_at_the_first_wrong_byte():
@@ -297,3 +302,48 @@ def test_a_steps_bound_trains_that_many_steps_and_the_card_says_so(tmp_path):
     assert "--steps 3 " in lines[-1] and "--minutes" not in lines[-1]
     with pytest.raises(SystemExit):
         train.main(["--docs-root", str(docs), "--out", str(out), "--steps", "0"])
+
+
+def test_retuning_scales_each_match_heads_boost_and_threshold_and_nothing_else():
+    """``induction.py --retune``: a match head's copy boost and threshold times given factors. Ones change
+    nothing; a lower threshold for the weak head makes a copy find its place again sooner after a word put
+    in (the bytes after it cost less), and only that head's threshold entries and output columns move.
+    The shipped model is 0.4.0's (kept in the repository) retuned as its card says, to the bit."""
+    from transformers import LlamaForCausalLM
+
+    from lmc_audit.pipelines.default_model.induction import retune
+    from lmc_audit.transforms.scoring.model_loading import bundled_model_dir
+
+    shipped = json.loads((Path(bundled_model_dir()) / "training.json").read_text())
+    grown_record = shipped["continued_from"]["grown"]
+    base = LlamaForCausalLM.from_pretrained(ASSETS / "model_0.4.0", dtype=torch.float32).eval()
+    made = copy.deepcopy(base)
+    retune(made, grown_record, shipped["retuned"]["boost_scales"], shipped["retuned"]["threshold_scales"])
+    bundled = LlamaForCausalLM.from_pretrained(bundled_model_dir(), dtype=torch.float32).eval()
+    assert all(torch.equal(a.to(torch.bfloat16).float(), b)
+               for a, b in zip(made.state_dict().values(), bundled.state_dict().values()))
+    same = copy.deepcopy(base)
+    retune(same, grown_record, [1.0, 1.0], [1.0, 1.0])
+    assert all(torch.equal(a, b) for a, b in zip(base.state_dict().values(), same.state_dict().values()))
+    weak = copy.deepcopy(base)
+    retune(weak, grown_record, [1.0, 1.5], [1.0, 0.6])
+    changed = {k for k, v in weak.state_dict().items() if not torch.equal(v, base.state_dict()[k])}
+    assert changed == {"model.layers.3.self_attn.q_proj.weight", "model.layers.3.self_attn.o_proj.weight"}
+    nd, first = base.config.head_dim, base.config.num_attention_heads - 2
+    q_moved = (weak.model.layers[3].self_attn.q_proj.weight != base.model.layers[3].self_attn.q_proj.weight)
+    assert q_moved.any(1).nonzero().min() >= (first + 1) * nd  # the weak head's rows only
+    assert 0 < q_moved.any(0).sum() <= 10  # a handful of columns: ONE and the scale channels
+    o_moved = (weak.model.layers[3].self_attn.o_proj.weight != base.model.layers[3].self_attn.o_proj.weight)
+    assert o_moved.any(0).nonzero().min() >= (first + 1) * nd
+    x, cut, start, rows = _copy_with_a_word_put_in()
+    after = torch.arange(start + cut + 6 + 4, start + cut + 6 + 14)  # bytes 4-13 after "Zebra "
+    lp = {}
+    for label, model in (("as shipped", base), ("retuned", weak)):
+        with torch.no_grad():
+            lp[label] = (torch.log_softmax(model(input_ids=rows).logits[0].float(), dim=-1)[after, rows[0, after + 1]]
+                         / math.log(2)).mean().item()
+    assert lp["retuned"] > lp["as shipped"] + 0.25, lp  # a quarter of a bit a byte cheaper (0.35 measured)
+    with pytest.raises(ValueError, match="one boost and one threshold scale per match head"):
+        retune(weak, grown_record, [1.0], [1.0, 1.0])
+    with pytest.raises(ValueError, match="positive"):
+        retune(weak, grown_record, [1.0, 1.0], [1.0, 0.0])

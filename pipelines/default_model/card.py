@@ -123,9 +123,15 @@ def recipe(training: dict) -> list[str]:
                                             "that count on any hardware"))
     r = training.get("recalibrated")
     stored = training.get("stored", "float32").split()[0]
+    retuned = training.get("retuned")
     if r:
         lines.append(f"{module}.induction --model-dir TUNED --recalibrate GROWN --alpha-scale {r['alpha_scale']} "
-                     f"--dtype {stored} --out MODEL")
+                     f"--dtype {stored} --out {'RECALIBRATED' if retuned else 'MODEL'}")
+    if retuned:
+        scales = {k: ",".join(f"{v:g}" for v in retuned[k]) for k in ("boost_scales", "threshold_scales")}
+        lines.append(f"{module}.induction --model-dir {'RECALIBRATED' if r else 'TUNED'} --retune --boost-scales "
+                     f"{scales['boost_scales']} --threshold-scales {scales['threshold_scales']} --dtype {stored} "
+                     "--out MODEL")
     return lines
 
 
@@ -191,6 +197,9 @@ def main(argv: list[str] | None = None) -> None:
         *[f"- match heads recalibrated after fine-tuning (`induction.py --recalibrate`): scores x{r_['score_scale']:.3f}, "
           f"copy boost x{r_['boost_scale']:.3f} (alpha scale {r_['alpha_scale']})"
           for r_ in [t.get("recalibrated")] if r_],
+        *[f"- match heads retuned (`induction.py --retune`): copy boosts x{', x'.join(f'{v:g}' for v in r_['boost_scales'])}, "
+          f"thresholds x{', x'.join(f'{v:g}' for v in r_['threshold_scales'])} (one per match head, strong first)"
+          for r_ in [t.get("retuned")] if r_],
         f"- in all: {sum(b.get('training_tokens', 0) for b in _chain(t)):,} training bytes in "
         f"{sum(b.get('training_seconds', 0) for b in _chain(t)) / 60:.1f} min",
         "- script: `python -m lmc_audit.pipelines.default_model.train`", "",
@@ -198,7 +207,10 @@ def main(argv: list[str] | None = None) -> None:
         "On the training files of the split below (never the held-out ones), from the repository's root. "
         "Training is bounded by wall-clock minutes, so other hardware gives other weights; the base model "
         "this one was built from is kept in the repository (`pipelines/assets/base_model`, not installed "
-        "with the package) and may stand for BASE.", "",
+        "with the package) and may stand for BASE"
+        + ("; so is the recalibrated model it was retuned from, 0.4.0's bundled model "
+           "(`pipelines/assets/model_0.4.0`), which may stand for RECALIBRATED: the last step, run on it, gives "
+           "these weights bit for bit." if t.get("retuned") else "."), "",
         "```", *recipe(t), "```", "",
         "## Held-out compression (2048-byte chunks, each coded on its own)", "",
         "Measured by `python -m lmc_audit.pipelines.default_model.card`:", "",

@@ -45,7 +45,8 @@ The grown model is an ordinary ``LlamaForCausalLM`` (transformers' own code runs
 
 After a fine-tune (``train.py --init-from DIR --freeze-circuit``), ``--recalibrate BUILT_DIR`` puts the
 match heads back at the strength they were built with (``recalibrate``): the fine-tune grows the old
-weights' share of the residual, which the heads read and write through RMS norms.
+weights' share of the residual, which the heads read and write through RMS norms. ``--retune`` then
+scales each match head's boost and threshold by given factors (``retune``).
 
 Measured on the held-out split (README, The bundled model): the copy ratio falls from 2.0 to about
 1.2 while held-out bits per byte stay within 1% of the bundled model's; the limit is the match's
@@ -123,6 +124,40 @@ def _phase_codes(n: int, acc: int, rng: np.random.Generator) -> np.ndarray:
     return codes / math.sqrt(acc // 2)
 
 
+def age_groups(offsets: Sequence[Sequence[int]] = OFFSETS) -> tuple[list[list[int]], list[list[list[tuple[int, int]]]]]:
+    """The ages each scale channel carries (channel 0 is ONE), and per layer and previous-byte head the
+    (source, destination) channels it copies (see ``grow``: a head above layer 0 scales what it copies by
+    its source position's 1 / rms, so each group of ages gets a channel holding that factor)."""
+    groups = [[0]]
+    heads_of = []
+    for layer, deltas in enumerate(offsets):
+        made = []
+        given = [list(ages) for ages in groups]
+        for delta in deltas:
+            made.append([])
+            if layer == 0:  # layer 0 reads the embedding: its rms varies by 6% only, with the byte
+                continue
+            for c, ages in enumerate(given):
+                groups.append([a + delta for a in ages])
+                made[-1].append((c, len(groups) - 1))
+        if layer == 0:
+            groups = [sorted({a + d for a in ages for d in (0, *deltas)}) for ages in given]
+        heads_of.append(made)
+    ages_all = sorted(a for ages in groups for a in ages)
+    assert ages_all == list(range(len(ages_all))), f"offsets {offsets} must cover ages 0..K-1 once each"
+    return groups, heads_of
+
+
+def _scratch_layout(d0: int, scratch: int, n_groups: int, vd: int) -> tuple[int, int, int, list[int], int, int]:
+    """(acc, ONE, BOS marker, scale channels (ONE first), Q, E): where the circuit's scratch dimensions lie."""
+    acc = scratch - 1 - n_groups - 2 * vd
+    one, bos = d0 + acc, d0 + acc + 1
+    chan = [one] + [d0 + acc + 1 + c for c in range(1, n_groups)]
+    q_veto = d0 + acc + 1 + n_groups  # Q_n: the veto code of x_n
+    e_veto = q_veto + vd  # E_m: the veto code of x_{m-1}
+    return acc, one, bos, chan, q_veto, e_veto
+
+
 def grow(model_dir: Path, stream: np.ndarray, *, scratch: int = 62, offsets: Sequence[Sequence[int]] = OFFSETS,
          matches: Sequence[Sequence[float]] = MATCHES, widen: int = 2, beta: float = 1.5,
          margin_logits: float = 20.0, energy: float = 0.02, seed: int = 0, veto_dims: int = VETO_DIMS):
@@ -152,29 +187,9 @@ def grow(model_dir: Path, stream: np.ndarray, *, scratch: int = 62, offsets: Seq
     # copies ONE (and the channels already there) into a channel of its own, which then holds the
     # same factor; the match heads scale each group of ages' threshold by its channels, so the
     # factors scale a group's score but never move its threshold.
-    groups = [[0]]  # ages whose scale a channel carries; channel 0 is ONE
-    heads_of = []
-    for layer, deltas in enumerate(offsets):
-        made = []
-        given = [list(ages) for ages in groups]
-        for delta in deltas:
-            made.append([])
-            if layer == 0:  # layer 0 reads the embedding: its rms varies by 6% only, with the byte
-                continue
-            for c, ages in enumerate(given):
-                groups.append([a + delta for a in ages])
-                made[-1].append((c, len(groups) - 1))
-        if layer == 0:
-            groups = [sorted({a + d for a in ages for d in (0, *deltas)}) for ages in given]
-        heads_of.append(made)
-    ages_all = sorted(a for ages in groups for a in ages)
-    assert ages_all == list(range(len(ages_all))), f"offsets {offsets} must cover ages 0..K-1 once each"
+    groups, heads_of = age_groups(offsets)
     vd = veto_dims if vetoes(matches) else 0
-    acc = scratch - 1 - len(groups) - 2 * vd
-    one, bos = d0 + acc, d0 + acc + 1
-    chan = [one] + [d0 + acc + 1 + c for c in range(1, len(groups))]
-    q_veto = d0 + acc + 1 + len(groups)  # Q_n: the veto code of x_n
-    e_veto = q_veto + vd  # E_m: the veto code of x_{m-1}
+    acc, one, bos, chan, q_veto, e_veto = _scratch_layout(d0, scratch, len(groups), vd)
     if acc <= 0 or acc % 2 or vd % 2:
         raise ValueError(f"scratch {scratch} leaves an accumulator of {acc} dims: it must be positive and even "
                          f"(scratch = A + 1 + {len(groups)} channels + 2 x {vd} veto dims)")
@@ -294,7 +309,7 @@ def grow(model_dir: Path, stream: np.ndarray, *, scratch: int = 62, offsets: Seq
         # q.k / sqrt(nd) = beta per matching byte at rms = rho: s^2 (g / rho)^2 / sqrt(nd) = beta
         s = math.sqrt(beta * math.sqrt(nd)) * rho / g
         bos_res = _residual_at(new, last, torch.tensor([[BOS_ID]]))[0, 0]  # BOS sees only itself
-        k_ages = len(ages_all)
+        k_ages = sum(len(ages) for ages in groups)
         # The value: the byte at m, as its old embedding's coordinates on the embedding's top `nd`
         # principal directions (the directions that tell bytes apart in the logits), read by least
         # squares from the residual at m, and exactly zero at BOS.
@@ -426,6 +441,39 @@ def recalibrate(model, built: dict[str, float], grown: dict, stream: np.ndarray,
     return {"before": now, "built": built, "score_scale": f_score, "boost_scale": f_boost}
 
 
+def retune(model, grown: dict, boost_scales: Sequence[float], threshold_scales: Sequence[float]) -> dict:
+    """Each match head's copy boost and threshold times a factor, in place; no measurement, so the result
+    follows exactly from the model it starts from (``grown``: training.json's ``grown`` record).
+
+    A head's threshold (tau plus its veto, in bytes of score) is the part of its query that reads the scale
+    channels (ONE and one per group of ages; ``grow``), its BOS sink's cancelling term included: scaling
+    those entries scales the threshold, and BOS still scores 0. Why: the fine-tune leaves the weak head's
+    threshold where it was built (12 bytes), and after a word edit a copy then pays full price for the 12
+    bytes it takes to find its place again; a lower threshold and a larger boost for that head find it
+    sooner (measured: README, The bundled model), at a small cost on text that does not repeat."""
+    n = match_heads(grown)
+    if len(boost_scales) != n or len(threshold_scales) != n:
+        raise ValueError(f"one boost and one threshold scale per match head ({n}), got {list(boost_scales)} "
+                         f"and {list(threshold_scales)}")
+    if min(*boost_scales, *threshold_scales) <= 0:
+        raise ValueError("scales must be positive")
+    cfg = model.config
+    scratch = int(grown["scratch"])
+    matches = [tuple(float(v) for v in m.split(":")) for m in str(grown["matches"]).split(",")]
+    vd = int(grown.get("veto_dims", VETO_DIMS)) if vetoes(matches) else 0
+    groups, _ = age_groups()
+    _, _, _, chan, _, _ = _scratch_layout(cfg.hidden_size - scratch, scratch, len(groups), vd)
+    first = cfg.num_attention_heads - added_heads(grown)
+    nd = cfg.head_dim
+    att = model.model.layers[-1].self_attn
+    with torch.no_grad():
+        for j, (boost, threshold) in enumerate(zip(boost_scales, threshold_scales)):
+            rows = slice((first + j) * nd, (first + j + 1) * nd)
+            att.q_proj.weight[rows, chan] *= threshold
+            att.o_proj.weight[:, rows] *= boost
+    return {"boost_scales": list(boost_scales), "threshold_scales": list(threshold_scales)}
+
+
 def _residual_at(model, layer: int | None, rows: torch.Tensor) -> torch.Tensor:
     """The residual stream entering decoder layer ``layer`` (None: entering the final norm)."""
     store = {}
@@ -475,6 +523,13 @@ def build_parser() -> argparse.ArgumentParser:
                         "write it to --out with its match heads put back at their built strength")
     p.add_argument("--alpha-scale", type=float, default=1.0,
                    help="with --recalibrate: the copied byte's boost times this")
+    p.add_argument("--retune", action="store_true",
+                   help="instead of growing: --model-dir is a grown model (fine-tuned or not); write it to --out "
+                        "with each match head's boost and threshold scaled (--boost-scales, --threshold-scales)")
+    p.add_argument("--boost-scales", default=None, metavar="F,F",
+                   help="with --retune: per match head, its copy boost times this (default 1 each)")
+    p.add_argument("--threshold-scales", default=None, metavar="F,F",
+                   help="with --retune: per match head, its threshold (tau + veto bytes of score) times this")
     p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
                    help="how the weights are stored (the pipeline computes in float32 either way; "
                         "the bundled model is stored in bfloat16)")
@@ -489,6 +544,8 @@ def main(argv: list[str] | None = None) -> None:
     if args.recalibrate:
         return recalibrate_dir(args.model_dir, args.recalibrate, args.out, train, held, args.alpha_scale,
                                args.dtype)
+    if args.retune:
+        return retune_dir(args.model_dir, args.out, args.boost_scales, args.threshold_scales, held, args.dtype)
     matches = tuple(tuple(float(v) for v in m.split(":")) for m in args.matches.split(","))
     if any(len(m) not in (2, 3) for m in matches):
         raise SystemExit(f"--matches {args.matches!r}: each head is TAU:ALPHA or TAU:ALPHA:VETO")
@@ -529,6 +586,34 @@ def recalibrate_dir(model_dir: Path, built_dir: Path, out: Path, train: np.ndarr
     print(f"score scale {done['score_scale']:.3f}  boost scale {done['boost_scale']:.3f}", flush=True)
     print(f"copy ratio {copy_ratio(model, held):.3f}  held-out bpb {held_out_bpb(model, held, 1025):.3f}", flush=True)
     record["recalibrated"] = {"alpha_scale": alpha_scale, **{k: done[k] for k in ("score_scale", "boost_scale")}}
+    save(model, record, out, dtype)
+
+
+def retune_dir(model_dir: Path, out: Path, boosts: str | None, thresholds: str | None, held: np.ndarray,
+               dtype: str) -> None:
+    """``--retune``: the match heads scaled (``retune``), the record kept with what was done."""
+    from transformers import LlamaForCausalLM
+
+    record = json.loads((model_dir / "training.json").read_text())
+    grown = record.get("grown") or record.get("continued_from", {}).get("grown")
+    if not grown:
+        raise SystemExit(f"{model_dir}/training.json has no 'grown' record: retune a grown model")
+    n = match_heads(grown)
+
+    def scales(text: str | None) -> list[float]:
+        try:
+            return [1.0] * n if text is None else [float(v) for v in text.split(",")]
+        except ValueError:
+            raise SystemExit(f"scales {text!r}: comma-separated numbers, one per match head ({n})") from None
+
+    model = LlamaForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    try:
+        done = retune(model, grown, scales(boosts), scales(thresholds))
+    except ValueError as exc:
+        raise SystemExit(str(exc)) from None
+    print(f"copy ratio {copy_ratio(model, held):.3f}  held-out bpb {held_out_bpb(model, held, 1025):.3f}", flush=True)
+    record["retuned"] = done
+    record.pop("stored", None)
     save(model, record, out, dtype)
 
 
