@@ -62,9 +62,14 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _default_model(payloads: str) -> str:
+def _beside(payloads: str, name: str):
+    """(filesystem, path) of ``name`` in the audit output that holds the payloads folder."""
     fs, root = fsspec.core.url_to_fs(payloads)
-    run_json = root.rstrip("/").rsplit("/", 1)[0] + "/run.json"
+    return fs, root.rstrip("/").rsplit("/", 1)[0] + "/" + name
+
+
+def _default_model(payloads: str) -> str:
+    fs, run_json = _beside(payloads, "run.json")
     if fs.exists(run_json):
         with fs.open(run_json) as f:
             return json.load(f)["model"]["spec"]
@@ -117,8 +122,7 @@ def selected_bytes(payloads: str, docs: set[str], shards: set[str], chunks: set[
     """The bytes the selection decodes to, from the chunks manifest beside the payloads (``../chunks``:
     four small columns, read batch by batch), so that the decoding stage shows its time left; 0 when
     that manifest is not there (payloads copied on their own): the stage then shows its rate only."""
-    fs, root = fsspec.core.url_to_fs(payloads)
-    manifest = root.rstrip("/").rsplit("/", 1)[0] + "/chunks"
+    fs, manifest = _beside(payloads, "chunks")
     try:
         if not fs.isdir(manifest):
             return 0

@@ -72,6 +72,11 @@ MATCHES = ((20.0, 30.0), (12.0, 8.0))  # (tau, alpha[, veto]) of the last layer'
 VETO_DIMS = 18  # dimensions of the veto's byte codes (Q and E each), when a match head vetoes
 
 
+def parse_matches(text: str) -> tuple[tuple[float, ...], ...]:
+    """``--matches`` (and training.json's ``grown.matches``): TAU:ALPHA[:VETO] per head, comma-separated."""
+    return tuple(tuple(float(v) for v in m.split(":")) for m in str(text).split(","))
+
+
 def vetoes(matches: Iterable[Sequence[float]]) -> bool:
     """Whether some match head (tau, alpha[, veto]) vetoes, and so the circuit needs the veto's codes."""
     return any(len(m) > 2 and m[2] > 0 for m in matches)
@@ -461,8 +466,7 @@ def retune(model, grown: dict, boost_scales: Sequence[float], threshold_scales: 
         raise ValueError("scales must be positive")
     cfg = model.config
     scratch = int(grown["scratch"])
-    matches = [tuple(float(v) for v in m.split(":")) for m in str(grown["matches"]).split(",")]
-    vd = int(grown.get("veto_dims", VETO_DIMS)) if vetoes(matches) else 0
+    vd = int(grown.get("veto_dims", VETO_DIMS)) if vetoes(parse_matches(grown["matches"])) else 0
     groups, _ = age_groups()
     _, _, _, chan, _, _ = _scratch_layout(cfg.hidden_size - scratch, scratch, len(groups), vd)
     first = cfg.num_attention_heads - added_heads(grown)
@@ -548,7 +552,7 @@ def main(argv: list[str] | None = None) -> None:
                                args.dtype)
     if args.retune:
         return retune_dir(args.model_dir, args.out, args.boost_scales, args.threshold_scales, held, args.dtype)
-    matches = tuple(tuple(float(v) for v in m.split(":")) for m in args.matches.split(","))
+    matches = parse_matches(args.matches)
     if any(len(m) not in (2, 3) for m in matches):
         raise SystemExit(f"--matches {args.matches!r}: each head is TAU:ALPHA or TAU:ALPHA:VETO")
     model = grow(args.model_dir, train, scratch=args.scratch, matches=matches, widen=args.widen, beta=args.beta,
